@@ -1,0 +1,209 @@
+//! Types shared by proxypilot's kernel programs and its user space.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding, because the same
+//! bytes are written by one side and read by the other through BPF maps.
+//!
+//! Addresses are always 16 bytes: IPv4 is stored IPv4-mapped
+//! (`::ffff:a.b.c.d`), so one map and one code path serve both families.
+//! An address is held as four `u32` words whose *memory* is the address in
+//! network byte order, exactly as the kernel's `user_ip6` field is.
+#![no_std]
+
+/// Names of the maps in the eBPF object, so both halves agree on them.
+pub mod map_names {
+    /// `Array<Config>` with one slot: where the proxy listens, whom to exempt.
+    pub const CONFIG: &str = "CONFIG";
+    /// `HashMap<u16, u8>`: TCP destination ports that are redirected.
+    pub const INTERCEPT_PORTS: &str = "INTERCEPT_PORTS";
+    /// `LpmTrie<AllowTarget, u32>`: destinations that pass, value = `ALLOW_*` flags.
+    pub const ALLOWED: &str = "ALLOWED";
+    /// `LruHashMap<u64, Origin>`: socket cookie → original destination.
+    pub const SOCK_ORIGIN: &str = "SOCK_ORIGIN";
+    /// `LruHashMap<PeerKey, Origin>`: client address → original destination.
+    pub const PEER_ORIGIN: &str = "PEER_ORIGIN";
+    /// `RingBuf` of [`super::DenyEvent`]s.
+    pub const DENIALS: &str = "DENIALS";
+}
+
+/// Capacity of the two origin maps. They are LRU maps, so a flood of
+/// connects evicts the oldest entries instead of failing new ones.
+pub const ORIGIN_MAP_ENTRIES: u32 = 65_536;
+/// Capacity of the allow list.
+pub const ALLOWED_MAP_ENTRIES: u32 = 4_096;
+/// Capacity of the intercepted-port set.
+pub const INTERCEPT_PORT_ENTRIES: u32 = 64;
+/// Size of the denial ring buffer in bytes (a power of two, page aligned).
+pub const DENIALS_BYTES: u32 = 256 * 1024;
+
+/// `ALLOWED` value bit: TCP to this destination passes.
+pub const ALLOW_TCP: u32 = 1;
+/// `ALLOWED` value bit: UDP to this destination passes.
+pub const ALLOW_UDP: u32 = 2;
+
+/// IANA protocol numbers as the kernel reports them in `bpf_sock_addr`.
+pub const IPPROTO_TCP: u32 = 6;
+pub const IPPROTO_UDP: u32 = 17;
+
+/// The port QUIC uses; UDP to it is always denied so clients fall back to TCP.
+pub const QUIC_PORT: u16 = 443;
+
+/// Where the proxy listens and which cgroup is exempt. One slot in `CONFIG`.
+///
+/// A zero port means "no listener for that family": intercepted connects of
+/// that family are denied (fail closed), never passed through.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// IPv4 listener address as the kernel's `user_ip4` holds it.
+    pub listen_ip4: u32,
+    /// IPv4 listener port, host order.
+    pub listen_port4: u16,
+    /// IPv6 listener port, host order.
+    pub listen_port6: u16,
+    /// IPv6 listener address, words as in `user_ip6`.
+    pub listen_ip6: [u32; 4],
+    /// cgroup id (the cgroup directory's inode) of the proxy itself; its
+    /// sockets are never redirected or denied.
+    pub exempt_cgroup_id: u64,
+}
+
+/// The destination a sandboxed socket asked for, and who asked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// Original destination address (IPv4-mapped for IPv4).
+    pub addr: [u32; 4],
+    /// Original destination port, host order.
+    pub port: u16,
+    /// Address family of the socket that connected (`AF_INET` or `AF_INET6`).
+    pub family: u16,
+    /// Process id (thread group id) of the caller.
+    pub tgid: u32,
+    /// Thread id of the caller.
+    pub tid: u32,
+    /// Real uid of the caller.
+    pub uid: u32,
+    /// cgroup id of the caller.
+    pub cgroup_id: u64,
+    /// `comm` of the calling thread, NUL padded.
+    pub comm: [u8; 16],
+}
+
+/// Key of `PEER_ORIGIN`: the client's local address as the proxy sees it in
+/// `accept()`'s peer address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub addr: [u32; 4],
+    /// Port, host order, widened so the struct has no padding.
+    pub port: u32,
+}
+
+/// The data part of an `ALLOWED` LPM trie key.
+///
+/// The port comes first so that a prefix of `32 + address bits` matches one
+/// port, while entries with port 0 (any port) are found by a second lookup
+/// with port 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllowTarget {
+    /// Port in network order, or 0 for any port.
+    pub port: [u8; 2],
+    pub _reserved: [u8; 2],
+    pub addr: [u32; 4],
+}
+
+impl AllowTarget {
+    /// Bits of an `ALLOWED` key covering the port and reserved bytes.
+    pub const PORT_BITS: u32 = 32;
+}
+
+/// Which hook denied a connection.
+pub mod hook {
+    pub const CONNECT4: u32 = 1;
+    pub const CONNECT6: u32 = 2;
+    pub const SENDMSG4: u32 = 3;
+    pub const SENDMSG6: u32 = 4;
+}
+
+/// Why a connection was denied.
+pub mod deny_reason {
+    /// The destination is not on the allow list.
+    pub const NOT_ALLOWED: u32 = 1;
+    /// UDP to port 443 (QUIC) is always refused.
+    pub const QUIC: u32 = 2;
+    /// An intercepted port, but no listener of that family is configured.
+    pub const NO_LISTENER: u32 = 3;
+    /// A transport other than TCP or UDP.
+    pub const PROTOCOL: u32 = 4;
+    /// The origin map could not record the connection.
+    pub const MAP_FULL: u32 = 5;
+}
+
+/// One denied connect or send, reported to user space.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenyEvent {
+    /// Destination and caller; `addr`/`port` are what the sandbox asked for.
+    pub origin: Origin,
+    /// `IPPROTO_*` of the socket.
+    pub protocol: u32,
+    /// One of [`hook`].
+    pub hook: u32,
+    /// One of [`deny_reason`].
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+/// The 16 bytes of an IPv4-mapped IPv6 address, as `addr` words, for an IPv4
+/// address given the way `user_ip4` holds it.
+#[inline(always)]
+pub const fn mapped_ip4(user_ip4: u32) -> [u32; 4] {
+    [0, 0, u32::from_be(0x0000_ffff), user_ip4]
+}
+
+/// True when `addr` is an IPv4-mapped IPv6 address.
+#[inline(always)]
+pub const fn is_mapped_ip4(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_be(0x0000_ffff)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is repr(C), Copy, has no padding left implicit, and
+    // any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Origin {}
+    unsafe impl aya::Pod for super::PeerKey {}
+    unsafe impl aya::Pod for super::AllowTarget {}
+    unsafe impl aya::Pod for super::DenyEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<Config>(), 4 + 2 + 2 + 16 + 8);
+        assert_eq!(size_of::<Origin>(), 16 + 2 + 2 + 4 + 4 + 4 + 8 + 16);
+        assert_eq!(size_of::<PeerKey>(), 20);
+        assert_eq!(size_of::<AllowTarget>(), 20);
+        assert_eq!(size_of::<DenyEvent>(), size_of::<Origin>() + 16);
+    }
+
+    #[test]
+    fn mapped_ip4_matches_std() {
+        let v4 = std::net::Ipv4Addr::new(203, 0, 113, 10);
+        let words = mapped_ip4(u32::from_ne_bytes(v4.octets()));
+        let mut bytes = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        assert_eq!(std::net::Ipv6Addr::from(bytes), v4.to_ipv6_mapped());
+        assert!(is_mapped_ip4(&words));
+        assert!(!is_mapped_ip4(&[0, 0, 0, 1]));
+    }
+}

@@ -1,0 +1,42 @@
+//! Command-line front end: one module per subcommand. Each parses and
+//! validates its flags, then calls the library.
+
+pub mod detach;
+pub mod doctor;
+pub mod kernel_args;
+pub mod sidecar;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Keep real API keys out of sandboxes.
+///
+/// proxypilot attaches eBPF programs to a sandbox's cgroup: the sandbox's
+/// HTTPS connections are redirected in the kernel to proxypilot, which
+/// terminates TLS with its own CA and injects the real credentials on the
+/// way out. Everything else the sandbox tries is denied unless allowed.
+#[derive(Parser, Debug)]
+#[command(name = "proxypilot", version, about, long_about, propagate_version = true)]
+pub struct Cli {
+    /// Log format for diagnostics and the audit log.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PROXYPILOT_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Attach to a sandbox cgroup and serve its redirected connections.
+    Sidecar(sidecar::SidecarArgs),
+    /// Remove proxypilot's programs from a cgroup.
+    Detach(detach::DetachArgs),
+    /// Check that this host can run proxypilot, with a fix for each failure.
+    Doctor,
+}

@@ -1,0 +1,132 @@
+//! The loopback info server: `GET /ca.pem` (the CA the sandbox must trust)
+//! and `GET /policy` (what is intercepted and allowed; no secrets).
+//!
+//! The kernel policy lets the sandbox reach this one loopback port.
+
+use std::convert::Infallible;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use crate::policy::PolicySummary;
+
+/// What the info server serves.
+#[derive(Debug, Clone)]
+pub struct InfoState {
+    pub ca_pem: String,
+    pub policy: PolicySummary,
+}
+
+/// Binds 127.0.0.1:`port`.
+pub async fn bind(port: u16) -> std::io::Result<TcpListener> {
+    TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await
+}
+
+/// Serves forever on `listener`.
+pub async fn serve(listener: TcpListener, state: Arc<InfoState>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, "info server accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&state, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        });
+    }
+}
+
+fn respond(state: &InfoState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/ca.pem") => (
+            StatusCode::OK,
+            "application/x-pem-file",
+            state.ca_pem.clone(),
+        ),
+        (&Method::GET, "/policy") => (
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_string_pretty(&state.policy).expect("summary serialises") + "\n",
+        ),
+        (&Method::GET, _) => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /ca.pem or /policy\n".to_string(),
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".to_string(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(ctype),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serves_ca_and_policy() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(InfoState {
+            ca_pem: "-----BEGIN CERTIFICATE-----\nabc\n-----END CERTIFICATE-----\n".into(),
+            policy: PolicySummary {
+                intercepted_hosts: vec!["api.example.com".into()],
+                pass_through_hosts: vec!["*.github.io".into()],
+                allowed_destinations: vec!["198.51.100.0/24".into()],
+            },
+        });
+        tokio::spawn(serve(listener, state));
+        let get = |path: &'static str| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let ca = get("/ca.pem").await;
+        assert!(
+            ca.starts_with("HTTP/1.1 200") && ca.contains("BEGIN CERTIFICATE"),
+            "{ca}"
+        );
+        let pol = get("/policy").await;
+        let json: serde_json::Value =
+            serde_json::from_str(pol.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(json["intercepted_hosts"][0], "api.example.com");
+        assert_eq!(json["allowed_destinations"][0], "198.51.100.0/24");
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    }
+}

@@ -1,0 +1,18 @@
+//! proxypilot: a sidecar that keeps real API keys out of a sandbox.
+//!
+//! The kernel half (`kernel`) decides every connect() of the sandbox's
+//! cgroup; the user half terminates TLS for intercepted hosts (`tls`,
+//! `relay`) and injects sealed credentials through the tokenizer
+//! (`tokenizer`).
+
+pub mod cli;
+pub mod doctor;
+pub mod kernel;
+pub mod paths;
+pub mod tokenizer;
+pub mod tls;
+pub mod relay;
+pub mod policy;
+pub mod audit;
+pub mod settings;
+pub mod info;

@@ -1,0 +1,398 @@
+//! Intercepted connections: TLS with a minted leaf, HTTP/1.1 or HTTP/2 via
+//! hyper's auto server, each request relayed through the forwarder.
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::body::{Counted, Direction, RequestScope};
+use super::errors::{error_response, RelayError};
+use super::{BoxError, Relay, RelayBody};
+use crate::audit::{redact_path, RequestAudit, RequestInfo};
+use crate::kernel::origin::OriginalDestination;
+
+/// What every request on one intercepted connection shares.
+pub(crate) struct ConnCtx {
+    pub relay: Arc<Relay>,
+    pub sni: String,
+    pub secret_name: String,
+    pub sealed: HeaderValue,
+    pub origin: Option<OriginalDestination>,
+    /// The port the client dialled (443 unless another port is intercepted).
+    pub port: u16,
+    /// Requests whose bodies are not finished yet (idle watchdog).
+    pub active: Arc<AtomicUsize>,
+}
+
+/// Serves HTTP on an established TLS stream until the client is done, an
+/// error occurs, or the connection sits idle (no request in flight and no
+/// bytes moving) for `idle_timeout`.
+pub(crate) async fn serve_http<S>(io: S, ctx: Arc<ConnCtx>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let relay = ctx.relay.clone();
+    let idle = relay.limits.idle_timeout;
+    let active = ctx.active.clone();
+    let io = Activity::new(io);
+    let last = io.last.clone();
+    let epoch = io.epoch;
+    let svc = service_fn(move |req| handle(ctx.clone(), req));
+    let conn = relay.http.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(20)));
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "intercepted connection ended with an error");
+                }
+                return;
+            }
+            _ = tick.tick() => {
+                let quiet = epoch.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if active.load(Ordering::SeqCst) == 0 && quiet >= idle {
+                    tracing::debug!(?idle, "closing idle intercepted connection");
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<RelayBody>, Infallible> {
+    let info = RequestInfo {
+        pid: ctx.origin.as_ref().map(|o| o.pid),
+        comm: ctx.origin.as_ref().map(|o| o.comm.clone()),
+        original_dst: ctx.origin.as_ref().map(|o| o.addr),
+        sni: ctx.sni.clone(),
+        method: req.method().to_string(),
+        path: redact_path(req.uri().path_and_query().map_or("/", |p| p.as_str())),
+        secret: ctx.secret_name.clone(),
+    };
+    let scope = Arc::new(RequestScope::new(
+        RequestAudit::new(info),
+        ctx.active.clone(),
+    ));
+    let resp = match relay_request(&ctx, req, &scope).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::warn!(sni = %ctx.sni, error = %e, "request not relayed");
+            error_response(&e)
+        }
+    };
+    scope.audit.set_status(resp.status().as_u16());
+    Ok(resp.map(|b| Counted::new(b, scope, Direction::Out).boxed_unsync()))
+}
+
+async fn relay_request(
+    ctx: &ConnCtx,
+    req: Request<Incoming>,
+    scope: &Arc<RequestScope>,
+) -> Result<Response<RelayBody>, RelayError> {
+    let (parts, body) = req.into_parts();
+    check_authority(&parts, &ctx.sni, ctx.port)?;
+    let authority = if ctx.port == 443 {
+        ctx.sni.clone()
+    } else {
+        format!("{}:{}", ctx.sni, ctx.port)
+    };
+    if parts.method == http::Method::CONNECT {
+        return Err(RelayError::BadRequest(
+            "CONNECT is not supported inside an intercepted connection".into(),
+        ));
+    }
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = tokenizer_uri(&authority, pq)?;
+
+    let mut headers = forwardable_headers(&parts.headers);
+    let host =
+        HeaderValue::from_str(&authority).map_err(|e| RelayError::BadRequest(e.to_string()))?;
+    headers.insert(header::HOST, host);
+    headers.insert(
+        HeaderName::from_static("proxy-tokenizer"),
+        ctx.sealed.clone(),
+    );
+    if let Some(auth) = &ctx.relay.proxy_authorization {
+        headers.insert(header::PROXY_AUTHORIZATION, auth.clone());
+    }
+    headers.insert(
+        HeaderName::from_static("fly-src-optin"),
+        HeaderValue::from_static("*"),
+    );
+
+    let body = Counted::new(
+        body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        scope.clone(),
+        Direction::In,
+    )
+    .boxed_unsync();
+    let mut out = Request::new(body);
+    *out.method_mut() = parts.method;
+    *out.uri_mut() = uri;
+    *out.version_mut() = Version::HTTP_11; // the tokenizer speaks HTTP/1.1
+    *out.headers_mut() = headers;
+
+    let mut resp = ctx.relay.forwarder.forward(out).await?;
+    strip_hop_by_hop(resp.headers_mut());
+    *resp.version_mut() = Version::HTTP_11;
+    Ok(resp)
+}
+
+/// `http://authority/path?query`, refusing any target that would change
+/// the authority (an HTTP/2 `:path` of `@evil.com/` would otherwise turn
+/// into `http://api.x.com@evil.com/` and send the secret elsewhere).
+fn tokenizer_uri(authority: &str, pq: &str) -> Result<http::Uri, RelayError> {
+    let bad = |why: &str| RelayError::BadRequest(format!("request target {pq:?}: {why}"));
+    if !pq.starts_with('/') {
+        return Err(bad("must start with /"));
+    }
+    let uri: http::Uri = format!("http://{authority}{pq}")
+        .parse()
+        .map_err(|e: http::uri::InvalidUri| bad(&e.to_string()))?;
+    if uri.authority().map(|a| a.as_str()) != Some(authority) {
+        return Err(bad("it changes the host"));
+    }
+    Ok(uri)
+}
+
+/// The request's Host / :authority must name the TLS server name, so one
+/// host's connection (and secret) cannot be used for another host.
+fn check_authority(parts: &http::request::Parts, sni: &str, port: u16) -> Result<(), RelayError> {
+    let from_uri = parts.uri.authority().map(|a| a.as_str().to_string());
+    let from_header = match parts.headers.get(header::HOST) {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| RelayError::BadRequest("Host header is not ASCII".into()))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    if from_uri.is_none() && from_header.is_none() {
+        return Err(RelayError::MissingHost);
+    }
+    for auth in from_uri.iter().chain(from_header.iter()) {
+        if !authority_matches(auth, sni, port) {
+            return Err(RelayError::Misdirected {
+                host: auth.clone(),
+                sni: sni.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `api.x.com`, `API.x.com.`, `api.x.com:443` match SNI `api.x.com`.
+pub(crate) fn authority_matches(auth: &str, sni: &str, port: u16) -> bool {
+    let (host, p) = match auth.rsplit_once(':') {
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            (h, p.parse::<u16>().ok())
+        }
+        Some(_) => return false,
+        None => (auth, None),
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    host.eq_ignore_ascii_case(sni) && p.is_none_or(|p| p == 443 || p == port)
+}
+
+/// Headers meaningful only for one hop (RFC 9110 §7.6.1), plus the ones
+/// the Connection header names.
+fn hop_by_hop(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ]
+    .into();
+    for v in headers.get_all(header::CONNECTION) {
+        if let Ok(v) = v.to_str() {
+            names.extend(
+                v.split(',')
+                    .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok()),
+            );
+        }
+    }
+    names
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in hop_by_hop(headers) {
+        headers.remove(name);
+    }
+}
+
+/// The client's headers minus hop-by-hop ones, minus anything the sandbox
+/// could use to steer the tokenizer (`Proxy-*`: it must not add its own
+/// sealed secrets or credentials) or to spoof Fly's source attestation.
+/// HTTP/2 may split Cookie into several fields; HTTP/1.1 wants one.
+fn forwardable_headers(inbound: &HeaderMap) -> HeaderMap {
+    let drop = hop_by_hop(inbound);
+    let mut out = HeaderMap::with_capacity(inbound.len() + 4);
+    let mut cookies: Vec<&[u8]> = Vec::new();
+    for (name, value) in inbound {
+        let n = name.as_str();
+        if drop.contains(name)
+            || n.starts_with("proxy-")
+            || n.starts_with("fly-src")
+            || name == header::HOST
+        {
+            continue;
+        }
+        if name == header::COOKIE {
+            cookies.push(value.as_bytes());
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    if !cookies.is_empty() {
+        if let Ok(v) = HeaderValue::from_bytes(&cookies.join(&b"; "[..])) {
+            out.insert(header::COOKIE, v);
+        }
+    }
+    out
+}
+
+/// Records when bytes last moved, for the idle watchdog.
+struct Activity<S> {
+    inner: S,
+    epoch: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl<S> Activity<S> {
+    fn new(inner: S) -> Self {
+        Activity {
+            inner,
+            epoch: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+    fn touch(&self) {
+        self.last
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Activity<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Activity<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_matching() {
+        assert!(authority_matches("api.x.com", "api.x.com", 443));
+        assert!(authority_matches("API.X.com.", "api.x.com", 443));
+        assert!(authority_matches("api.x.com:443", "api.x.com", 443));
+        assert!(authority_matches("api.x.com:8443", "api.x.com", 8443));
+        assert!(!authority_matches("api.x.com:8443", "api.x.com", 443));
+        assert!(!authority_matches("evil.com", "api.x.com", 443));
+        assert!(!authority_matches("api.x.com.evil.com", "api.x.com", 443));
+        assert!(!authority_matches("api.x.com:", "api.x.com", 443));
+        assert!(!authority_matches("api.x.com:abc", "api.x.com", 443));
+    }
+
+    #[test]
+    fn tokenizer_uri_keeps_the_authority() {
+        let u = tokenizer_uri("api.x.com", "/v1/m?a=b").unwrap();
+        assert_eq!(u.to_string(), "http://api.x.com/v1/m?a=b");
+        let u = tokenizer_uri("api.x.com:8443", "//evil.com/x").unwrap();
+        assert_eq!(u.host(), Some("api.x.com"));
+        for bad in ["@evil.com/", "evil.com/", "*", ""] {
+            assert!(tokenizer_uri("api.x.com", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn headers_filtered() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-drop-me".parse().unwrap());
+        h.insert("x-drop-me", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("proxy-tokenizer", "sandbox-supplied".parse().unwrap());
+        h.insert("proxy-authorization", "Bearer x".parse().unwrap());
+        h.insert("fly-src", "spoof".parse().unwrap());
+        h.insert("host", "api.x.com".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        h.insert("authorization", "Bearer dummy".parse().unwrap());
+        h.append("cookie", "a=1".parse().unwrap());
+        h.append("cookie", "b=2".parse().unwrap());
+        let out = forwardable_headers(&h);
+        let names: Vec<&str> = out.keys().map(|k| k.as_str()).collect();
+        assert_eq!(out.len(), 3, "{names:?}");
+        assert_eq!(out["content-type"], "application/json");
+        assert_eq!(out["authorization"], "Bearer dummy");
+        assert_eq!(out["cookie"], "a=1; b=2");
+    }
+}

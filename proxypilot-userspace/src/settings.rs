@@ -1,0 +1,617 @@
+//! The relay's configuration: `proxypilot sidecar` flags, the `TARGETS`
+//! and `PROXY` environment variables of the original tlsproxy, and an
+//! optional TOML file. Everything is validated once, before anything
+//! binds, and all problems are reported together.
+//!
+//! Precedence: lists (`target`, `allow`, `upstream-ca`) are merged from
+//! the file, `TARGETS` and the flags; a scalar comes from its flag, else
+//! the file, else the environment (`PROXY` for the tokenizer), else the
+//! default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context as _};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::policy::{normalize_host, HostPattern};
+use crate::relay::{Forward, Forwarder, Limits, Relay, RelayConfig, RemoteTokenizer};
+use crate::tls::ca::{CaOrigin, CertAuthority};
+
+pub const DEFAULT_TOKENIZER: &str = "http://tokenizer.flycast:8080";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/proxypilot";
+pub const DEFAULT_INFO_PORT: u16 = 15480;
+
+/// The relay's flags, to be flattened into `proxypilot sidecar`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RelayArgs {
+    /// Intercept HOST; the environment variable ENVVAR holds its sealed
+    /// secret. Repeatable. `TARGETS="host=ENV,host2=ENV2"` adds more.
+    #[arg(long = "target", value_name = "HOST=ENVVAR")]
+    pub targets: Vec<String>,
+    /// Pass HOST through untouched (exact name, or `*.suffix` for any
+    /// subdomain). Repeatable.
+    #[arg(long = "allow", value_name = "HOST")]
+    pub allow: Vec<String>,
+    /// Tokenizer URL (an HTTP proxy), or `embedded` for the in-process
+    /// engine. Default: $PROXY, else http://tokenizer.flycast:8080.
+    #[arg(long, value_name = "URL|embedded")]
+    pub tokenizer: Option<String>,
+    /// Environment variable holding the token sent as
+    /// `Proxy-Authorization: Bearer <token>` (for bearer_auth secrets).
+    #[arg(long, value_name = "VAR")]
+    pub tokenizer_auth_env: Option<String>,
+    /// The tokenizer's open (private) key file, for `--tokenizer embedded`.
+    #[arg(long, value_name = "FILE")]
+    pub open_key_file: Option<PathBuf>,
+    /// Extra CA (PEM) the embedded tokenizer trusts for upstream APIs, on
+    /// top of the system roots. Repeatable.
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_ca: Vec<PathBuf>,
+    /// Where the CA key and certificate live [default: /var/lib/proxypilot].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Also write the CA certificate (PEM) here, for the sandbox to trust.
+    #[arg(long, value_name = "FILE")]
+    pub ca_out: Option<PathBuf>,
+    /// Loopback port serving /ca.pem and /policy [default: 15480].
+    #[arg(long, value_name = "PORT")]
+    pub info_port: Option<u16>,
+    /// TOML file with the same settings (keys named like the flags).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// A secret string: never printed by Debug or Display.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(String);
+
+impl SecretString {
+    pub fn new(s: String) -> Self {
+        SecretString(s)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<redacted, {} bytes>", self.0.len())
+    }
+}
+
+/// An intercepted host and its sealed secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    /// The environment variable's name: what logs and audit lines show.
+    pub secret_name: String,
+    pub sealed: SecretString,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerMode {
+    Remote {
+        url: http::Uri,
+    },
+    /// TODO(lead): construct the engine from these and pass it to
+    /// `build_relay` as the embedded forwarder.
+    Embedded {
+        open_key_file: PathBuf,
+        upstream_ca: Vec<PathBuf>,
+    },
+}
+
+/// Validated relay settings.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub targets: Vec<Target>,
+    pub allow: Vec<HostPattern>,
+    pub tokenizer: TokenizerMode,
+    /// Full `Proxy-Authorization` header value.
+    pub proxy_authorization: Option<SecretString>,
+    pub state_dir: PathBuf,
+    pub ca_out: Option<PathBuf>,
+    pub info_port: u16,
+    /// The `[kernel]` table of the config file, untouched, for the kernel
+    /// layer to parse with its own strict schema.
+    pub kernel_config: Option<toml::Table>,
+    pub limits: Limits,
+}
+
+/// `--config` file schema; keys are the flag names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    target: Option<TargetList>,
+    allow: Option<Vec<String>>,
+    tokenizer: Option<String>,
+    tokenizer_auth_env: Option<String>,
+    open_key_file: Option<PathBuf>,
+    upstream_ca: Option<Vec<PathBuf>>,
+    state_dir: Option<PathBuf>,
+    ca_out: Option<PathBuf>,
+    info_port: Option<u16>,
+    kernel: Option<toml::Table>,
+}
+
+/// `target = ["host=ENV"]` or `[target]` with `"host" = "ENV"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TargetList {
+    List(Vec<String>),
+    Map(BTreeMap<String, String>),
+}
+
+impl RelayArgs {
+    /// Validates everything against the real environment.
+    pub fn resolve(&self) -> anyhow::Result<RelaySettings> {
+        self.resolve_with(&|k| std::env::var(k).ok())
+    }
+
+    /// As `resolve`, with the environment given (tests).
+    pub fn resolve_with(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<RelaySettings> {
+        let file = match &self.config {
+            None => FileConfig::default(),
+            Some(path) => read_config(path)?,
+        };
+        let mut errors: Vec<String> = Vec::new();
+
+        // Targets: file, then TARGETS, then flags, as (spec, where-from).
+        let mut specs: Vec<(String, String)> = Vec::new();
+        match file.target {
+            Some(TargetList::List(l)) => {
+                specs.extend(l.into_iter().map(|s| (s, "the config file".to_string())))
+            }
+            Some(TargetList::Map(m)) => specs.extend(
+                m.into_iter()
+                    .map(|(h, e)| (format!("{h}={e}"), "the config file".to_string())),
+            ),
+            None => {}
+        }
+        if let Some(t) = env("TARGETS") {
+            specs.extend(
+                t.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| (s.to_string(), "TARGETS".to_string())),
+            );
+        }
+        specs.extend(
+            self.targets
+                .iter()
+                .map(|s| (s.clone(), "--target".to_string())),
+        );
+        let mut targets: BTreeMap<String, Target> = BTreeMap::new();
+        for (spec, from) in specs {
+            match parse_target(&spec, env) {
+                Err(e) => errors.push(format!("{from} {spec:?}: {e}")),
+                Ok(t) => match targets.get(&t.host) {
+                    Some(prev) if prev.secret_name != t.secret_name => errors.push(format!(
+                        "{} is given twice, with secrets {} and {}; keep one",
+                        t.host, prev.secret_name, t.secret_name
+                    )),
+                    _ => {
+                        targets.insert(t.host.clone(), t);
+                    }
+                },
+            }
+        }
+
+        let mut allow = Vec::new();
+        for a in file.allow.unwrap_or_default().iter().chain(&self.allow) {
+            match HostPattern::parse(a) {
+                Ok(p) if !allow.contains(&p) => allow.push(p),
+                Ok(_) => {}
+                Err(e) => errors.push(format!("--allow {a:?}: {e}")),
+            }
+        }
+
+        let tokenizer_spec = self
+            .tokenizer
+            .clone()
+            .or(file.tokenizer)
+            .or_else(|| env("PROXY"))
+            .unwrap_or_else(|| DEFAULT_TOKENIZER.to_string());
+        let open_key_file = self.open_key_file.clone().or(file.open_key_file);
+        let mut upstream_ca = file.upstream_ca.unwrap_or_default();
+        upstream_ca.extend(self.upstream_ca.iter().cloned());
+        let tokenizer = if tokenizer_spec == "embedded" {
+            match &open_key_file {
+                None => errors.push(
+                    "--tokenizer embedded needs --open-key-file FILE (the tokenizer's private key)"
+                        .into(),
+                ),
+                Some(p) if !p.is_file() => {
+                    errors.push(format!("--open-key-file {}: no such file", p.display()))
+                }
+                Some(_) => {}
+            }
+            for ca in &upstream_ca {
+                if let Err(e) = check_pem_certs(ca) {
+                    errors.push(format!("--upstream-ca {}: {e}", ca.display()));
+                }
+            }
+            TokenizerMode::Embedded {
+                open_key_file: open_key_file.clone().unwrap_or_default(),
+                upstream_ca: upstream_ca.clone(),
+            }
+        } else {
+            if open_key_file.is_some() {
+                errors.push("--open-key-file only applies to --tokenizer embedded; a remote tokenizer holds its own key".into());
+            }
+            if !upstream_ca.is_empty() {
+                errors.push("--upstream-ca only applies to --tokenizer embedded; a remote tokenizer has its own trust".into());
+            }
+            match parse_tokenizer_url(&tokenizer_spec) {
+                Ok(url) => TokenizerMode::Remote { url },
+                Err(e) => {
+                    errors.push(e);
+                    TokenizerMode::Remote {
+                        url: http::Uri::from_static(DEFAULT_TOKENIZER),
+                    }
+                }
+            }
+        };
+
+        let proxy_authorization = match self.tokenizer_auth_env.clone().or(file.tokenizer_auth_env)
+        {
+            None => None,
+            Some(var) => match env(&var).filter(|v| !v.trim().is_empty()) {
+                None => {
+                    errors.push(format!(
+                        "--tokenizer-auth-env {var}: the environment variable {var} is not set"
+                    ));
+                    None
+                }
+                Some(v) => {
+                    let v = v.trim();
+                    let value = if v.starts_with("Bearer ") {
+                        v.to_string()
+                    } else {
+                        format!("Bearer {v}")
+                    };
+                    if http::HeaderValue::from_str(&value).is_err() {
+                        errors.push(format!("--tokenizer-auth-env {var}: the token has characters not allowed in a header"));
+                    }
+                    Some(SecretString(value))
+                }
+            },
+        };
+
+        let info_port = self
+            .info_port
+            .or(file.info_port)
+            .unwrap_or(DEFAULT_INFO_PORT);
+        if info_port == 0 {
+            errors.push(
+                "--info-port must not be 0: the sandbox needs a fixed port to fetch /ca.pem".into(),
+            );
+        }
+
+        if !errors.is_empty() {
+            return Err(anyhow!(
+                "invalid relay configuration:\n  - {}",
+                errors.join("\n  - ")
+            ));
+        }
+        Ok(RelaySettings {
+            targets: targets.into_values().collect(),
+            allow,
+            tokenizer,
+            proxy_authorization,
+            state_dir: self
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            ca_out: self.ca_out.clone().or(file.ca_out),
+            info_port,
+            kernel_config: file.kernel,
+            limits: Limits::default(),
+        })
+    }
+}
+
+fn read_config(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading --config {}", path.display()))?;
+    toml::from_str(&text)
+        .map_err(|e| anyhow!("--config {}: {}", path.display(), e.to_string().trim_end()))
+}
+
+fn parse_target(spec: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Target, String> {
+    let (host, var) = spec
+        .split_once('=')
+        .ok_or_else(|| "expected HOST=ENVVAR, e.g. api.github.com=GITHUB_SEALED".to_string())?;
+    let host = normalize_host(host)?;
+    let var = var.trim();
+    let var_ok = !var.is_empty()
+        && !var.starts_with(|c: char| c.is_ascii_digit())
+        && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !var_ok {
+        return Err(format!("{var:?} is not an environment variable name"));
+    }
+    let sealed = env(var)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| {
+            format!("the environment variable {var} (the sealed secret for {host}) is not set")
+        })?;
+    if http::HeaderValue::from_str(&sealed).is_err() {
+        return Err(format!(
+            "{var} has characters not allowed in a header; is it a sealed secret?"
+        ));
+    }
+    Ok(Target {
+        host,
+        secret_name: var.to_string(),
+        sealed: SecretString(sealed),
+    })
+}
+
+fn parse_tokenizer_url(s: &str) -> Result<http::Uri, String> {
+    let url: http::Uri = s.parse().map_err(|e| {
+        format!("--tokenizer {s:?}: not a URL ({e}); use http://host:port or `embedded`")
+    })?;
+    if url.scheme_str() != Some("http") || url.host().is_none() {
+        return Err(format!(
+            "--tokenizer {s:?}: use http://host:port (the tokenizer is a plain HTTP proxy) or `embedded`"
+        ));
+    }
+    if url.path() != "/" && !url.path().is_empty() {
+        return Err(format!(
+            "--tokenizer {s:?}: give no path, just http://host:port"
+        ));
+    }
+    Ok(url)
+}
+
+fn check_pem_certs(path: &Path) -> Result<(), String> {
+    let data = std::fs::read(path).map_err(|e| e.to_string())?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("no certificate in it (expected PEM)".into());
+    }
+    Ok(())
+}
+
+impl RelaySettings {
+    /// The intercepted host names, sorted.
+    pub fn intercepted_hosts(&self) -> Vec<String> {
+        self.targets.iter().map(|t| t.host.clone()).collect()
+    }
+
+    /// Loads or creates the CA in the state dir, writes `--ca-out`, and
+    /// logs when the sandbox has to (re-)trust a new certificate.
+    pub fn load_ca(&self) -> anyhow::Result<Arc<CertAuthority>> {
+        let ca = CertAuthority::load_or_create(&self.state_dir, &self.intercepted_hosts())?;
+        let cert_path = ca
+            .cert_path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let fetch = format!("http://127.0.0.1:{}/ca.pem", self.info_port);
+        match ca.origin() {
+            CaOrigin::Created => {
+                tracing::info!(cert = %cert_path, %fetch, "created a new CA; the sandbox must trust it")
+            }
+            CaOrigin::Reissued { reason } => tracing::warn!(
+                %reason, cert = %cert_path, %fetch, ca_out = ?self.ca_out,
+                "re-issued the CA with a new key; the sandbox must re-trust the new certificate"
+            ),
+            _ => tracing::info!(cert = %cert_path, "loaded the CA"),
+        }
+        if let Some(out) = &self.ca_out {
+            std::fs::write(out, ca.ca_pem())
+                .with_context(|| format!("writing --ca-out {}", out.display()))?;
+        }
+        Ok(Arc::new(ca))
+    }
+
+    /// Builds the relay. `embedded` is the embedded tokenizer engine's
+    /// forwarder, required for `--tokenizer embedded` and ignored otherwise.
+    pub fn build_relay(
+        &self,
+        ca: Arc<CertAuthority>,
+        allow_cidrs: Vec<IpNet>,
+        embedded: Option<Arc<dyn Forward>>,
+    ) -> anyhow::Result<Arc<Relay>> {
+        let forwarder = match (&self.tokenizer, embedded) {
+            (TokenizerMode::Remote { url }, _) => Forwarder::Remote(Arc::new(
+                RemoteTokenizer::new(
+                    url,
+                    self.limits.connect_timeout,
+                    self.limits.response_timeout,
+                )
+                .map_err(|e| anyhow!(e))?,
+            )),
+            (TokenizerMode::Embedded { .. }, Some(engine)) => Forwarder::Embedded(engine),
+            (TokenizerMode::Embedded { .. }, None) => {
+                anyhow::bail!(
+                    "--tokenizer embedded: the embedded engine was not passed to build_relay"
+                )
+            }
+        };
+        let relay = Relay::new(RelayConfig {
+            targets: self.targets.clone(),
+            allow: self.allow.clone(),
+            allow_cidrs,
+            ca,
+            forwarder,
+            proxy_authorization: self
+                .proxy_authorization
+                .as_ref()
+                .map(|s| s.expose().to_string()),
+            limits: self.limits.clone(),
+            leaf_lifetime: crate::tls::leaf::DEFAULT_LIFETIME,
+            leaf_capacity: crate::tls::leaf::DEFAULT_CAPACITY,
+        })?;
+        Ok(Arc::new(relay))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: BTreeMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn flags_and_targets_env_merge() {
+        let args = RelayArgs {
+            targets: vec!["API.GitHub.com=GH".into()],
+            allow: vec!["pypi.org".into(), "*.github.io".into()],
+            ..Default::default()
+        };
+        let env = env_of(&[
+            ("GH", "sealed-gh"),
+            ("AN", "sealed-an"),
+            ("TARGETS", "api.anthropic.com=AN, "),
+        ]);
+        let s = args.resolve_with(&env).unwrap();
+        assert_eq!(
+            s.intercepted_hosts(),
+            vec!["api.anthropic.com", "api.github.com"]
+        );
+        assert_eq!(s.targets[1].secret_name, "GH");
+        assert_eq!(s.targets[1].sealed.expose(), "sealed-gh");
+        assert_eq!(
+            s.tokenizer,
+            TokenizerMode::Remote {
+                url: DEFAULT_TOKENIZER.parse().unwrap()
+            }
+        );
+        assert_eq!(s.info_port, DEFAULT_INFO_PORT);
+        assert_eq!(s.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert!(
+            !format!("{s:?}").contains("sealed-gh"),
+            "Debug must not show secrets"
+        );
+    }
+
+    #[test]
+    fn proxy_env_and_auth() {
+        let args = RelayArgs {
+            tokenizer_auth_env: Some("TOK".into()),
+            ..Default::default()
+        };
+        let s = args
+            .resolve_with(&env_of(&[
+                ("PROXY", "http://127.0.0.1:9999"),
+                ("TOK", "abc"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            s.tokenizer,
+            TokenizerMode::Remote {
+                url: "http://127.0.0.1:9999".parse().unwrap()
+            }
+        );
+        assert_eq!(s.proxy_authorization.unwrap().expose(), "Bearer abc");
+    }
+
+    #[test]
+    fn all_errors_reported_together() {
+        let args = RelayArgs {
+            targets: vec![
+                "api.github.com=MISSING_VAR".into(),
+                "nohost".into(),
+                "a.com=GH".into(),
+                "a.com=OTHER".into(),
+            ],
+            allow: vec!["1.2.3.4".into()],
+            tokenizer: Some("https://tok".into()),
+            open_key_file: Some("/nonexistent".into()),
+            tokenizer_auth_env: Some("NOPE".into()),
+            info_port: Some(0),
+            ..Default::default()
+        };
+        let err = args
+            .resolve_with(&env_of(&[("GH", "x"), ("OTHER", "y")]))
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "MISSING_VAR",
+            "HOST=ENVVAR",
+            "given twice",
+            "1.2.3.4",
+            "https://tok",
+            "--open-key-file",
+            "NOPE",
+            "--info-port",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn embedded_needs_open_key() {
+        let args = RelayArgs {
+            tokenizer: Some("embedded".into()),
+            ..Default::default()
+        };
+        let err = args.resolve_with(&env_of(&[])).unwrap_err().to_string();
+        assert!(err.contains("--open-key-file"), "{err}");
+    }
+
+    #[test]
+    fn toml_config_and_unknown_key() {
+        let dir = std::env::temp_dir().join(format!(
+            "pp-settings-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(
+            &good,
+            r#"
+allow = ["pypi.org"]
+tokenizer = "http://10.0.0.1:8080"
+info-port = 15999
+state-dir = "/tmp/x"
+[target]
+"api.github.com" = "GH"
+[kernel]
+allow-cidr = ["198.51.100.0/24"]
+"#,
+        )
+        .unwrap();
+        let args = RelayArgs {
+            config: Some(good),
+            info_port: Some(16000),
+            ..Default::default()
+        };
+        let s = args.resolve_with(&env_of(&[("GH", "s")])).unwrap();
+        assert_eq!(s.intercepted_hosts(), vec!["api.github.com"]);
+        assert_eq!(s.info_port, 16000, "flag wins over file");
+        assert_eq!(s.state_dir, PathBuf::from("/tmp/x"));
+        assert!(s.kernel_config.unwrap().contains_key("allow-cidr"));
+
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "allow = []\nintercept-hosts = [\"x\"]\n").unwrap();
+        let err = RelayArgs {
+            config: Some(bad),
+            ..Default::default()
+        }
+        .resolve_with(&env_of(&[]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("intercept-hosts"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

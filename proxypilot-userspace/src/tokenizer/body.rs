@@ -1,0 +1,300 @@
+//! Body work the processors need: a streaming placeholder replacement that
+//! never buffers the whole body (inject_body, oauth2 with `placeholder`),
+//! and a capped buffer for an HMAC over the body.
+
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use zeroize::Zeroizing;
+
+use super::error::TokenizerError;
+use super::processor::{hmac_value, Format};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type the front doors forward.
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Bodies larger than this are not buffered for an HMAC (Go's
+/// MaxBodySizeForInjection).
+pub const MAX_HMAC_BODY: usize = 10 * 1024 * 1024;
+
+/// One body step, in the order of the Proxy-Tokenizer headers.
+pub(crate) enum BodyStep {
+    Replace {
+        placeholder: Vec<u8>,
+        token: Zeroizing<Vec<u8>>,
+    },
+    Hmac {
+        key: Zeroizing<Vec<u8>>,
+        fmt: Format,
+        dst: http::HeaderName,
+    },
+}
+
+/// What remains to do to the body after [`super::Engine::apply`].
+#[derive(Default)]
+#[must_use = "the body transform must be applied before forwarding"]
+pub struct BodyTransform {
+    pub(crate) steps: Vec<BodyStep>,
+}
+
+impl std::fmt::Debug for BodyTransform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self
+            .steps
+            .iter()
+            .map(|s| match s {
+                BodyStep::Replace { .. } => "replace",
+                BodyStep::Hmac { .. } => "hmac",
+            })
+            .collect();
+        write!(f, "BodyTransform{names:?}")
+    }
+}
+
+impl BodyTransform {
+    /// True when the body can be forwarded untouched.
+    pub fn is_identity(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    /// True when a step must read the whole body first (HMAC over it).
+    pub fn buffers(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s, BodyStep::Hmac { .. }))
+    }
+
+    /// Apply the steps to `body`; HMAC steps set their header in
+    /// `headers`, replacement steps drop Content-Length (the length
+    /// changes; the body goes out chunked or as HTTP/2 DATA frames).
+    pub async fn apply<B>(
+        self,
+        headers: &mut HeaderMap,
+        body: B,
+    ) -> Result<ProxyBody, TokenizerError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let mut body: ProxyBody = body.map_err(|e| -> BoxError { e.into() }).boxed_unsync();
+        for step in self.steps {
+            match step {
+                BodyStep::Replace { placeholder, token } => {
+                    headers.remove(http::header::CONTENT_LENGTH);
+                    body = ReplaceBody::new(body, placeholder, token).boxed_unsync();
+                }
+                BodyStep::Hmac { key, fmt, dst } => {
+                    let bytes = collect_capped(&mut body, MAX_HMAC_BODY).await?;
+                    headers.insert(dst, hmac_value(&key, &bytes, &fmt)?);
+                    body = Full::new(bytes).map_err(|e| match e {}).boxed_unsync();
+                }
+            }
+        }
+        Ok(body)
+    }
+}
+
+/// Read a whole body, refusing one larger than `cap`. (Not
+/// `http_body_util::Limited`: its `Into<BoxError>` bound trips rustc's
+/// higher-ranked Send inference inside spawned futures.)
+async fn collect_capped(body: &mut ProxyBody, cap: usize) -> Result<Bytes, TokenizerError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| TokenizerError::BodyRead(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > cap {
+                return Err(TokenizerError::BodyTooLarge(cap));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Replaces every occurrence of `placeholder` by `token` in a streamed
+/// body, holding back at most `placeholder.len() - 1` bytes between chunks
+/// so occurrences split across chunks are found.
+pub struct ReplaceBody<B> {
+    inner: B,
+    finder: memchr::memmem::Finder<'static>,
+    token: Zeroizing<Vec<u8>>,
+    carry: Vec<u8>,
+    trailers: Option<Frame<Bytes>>,
+    done: bool,
+}
+
+impl<B> ReplaceBody<B> {
+    pub fn new(inner: B, placeholder: Vec<u8>, token: Zeroizing<Vec<u8>>) -> Self {
+        assert!(!placeholder.is_empty(), "empty placeholder");
+        ReplaceBody {
+            inner,
+            finder: memchr::memmem::Finder::new(&placeholder).into_owned(),
+            token,
+            carry: Vec::new(),
+            trailers: None,
+            done: false,
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) -> Bytes {
+        let mut buf = std::mem::take(&mut self.carry);
+        buf.extend_from_slice(data);
+        let plen = self.finder.needle().len();
+        let mut out = Vec::with_capacity(buf.len());
+        let mut i = 0;
+        while let Some(j) = self.finder.find(&buf[i..]) {
+            out.extend_from_slice(&buf[i..i + j]);
+            out.extend_from_slice(&self.token);
+            i += j + plen;
+        }
+        // Only the last plen-1 bytes can start an occurrence that the next
+        // chunk completes.
+        let keep_from = i.max(buf.len().saturating_sub(plen - 1));
+        out.extend_from_slice(&buf[i..keep_from]);
+        self.carry = buf[keep_from..].to_vec();
+        Bytes::from(out)
+    }
+}
+
+impl<B> Body for ReplaceBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        loop {
+            if let Some(t) = self.trailers.take() {
+                return Poll::Ready(Some(Ok(t)));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let out = self.feed(&data);
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                    }
+                    Err(trailers) => {
+                        // Flush what we held back before the trailers.
+                        self.trailers = Some(trailers);
+                        self.done = true;
+                        let tail = std::mem::take(&mut self.carry);
+                        if !tail.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(tail)))));
+                        }
+                    }
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    self.done = true;
+                    let tail = std::mem::take(&mut self.carry);
+                    if !tail.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(Bytes::from(tail)))));
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.trailers.is_none() && self.carry.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::StreamBody;
+
+    async fn run(chunks: &[&str], ph: &str, tok: &str) -> String {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c.as_bytes()))))
+            .collect();
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let rb = ReplaceBody::new(
+            body,
+            ph.as_bytes().to_vec(),
+            Zeroizing::new(tok.as_bytes().to_vec()),
+        );
+        let out = rb.collect().await.unwrap().to_bytes();
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn replaces_across_chunks() {
+        let ph = "{{ACCESS_TOKEN}}";
+        assert_eq!(run(&["a{{ACCESS_TOKEN}}b"], ph, "T").await, "aTb");
+        assert_eq!(
+            run(&["a{{ACC", "ESS_TO", "KEN}}b{{", "ACCESS_TOKEN}}"], ph, "T").await,
+            "aTbT"
+        );
+        // One byte at a time.
+        let s = "x{{ACCESS_TOKEN}}y{{ACCESS_TOKEN}}{{ACCESS_TOKEN";
+        let chunks: Vec<String> = s.chars().map(|c| c.to_string()).collect();
+        let refs: Vec<&str> = chunks.iter().map(|s| s.as_str()).collect();
+        assert_eq!(run(&refs, ph, "tok").await, "xtokytok{{ACCESS_TOKEN");
+        // Overlapping prefixes and no match.
+        assert_eq!(run(&["aaa", "ab"], "aab", "X").await, "aaX");
+        assert_eq!(run(&["nothing here", ""], ph, "T").await, "nothing here");
+        assert_eq!(run(&[], ph, "T").await, "");
+        // The replacement is not rescanned.
+        assert_eq!(run(&["PP"], "P", "PP").await, "PPPP");
+    }
+
+    #[tokio::test]
+    async fn hmac_step_and_limit() {
+        let fmt =
+            crate::tokenizer::processor::check_fmt(&Default::default(), &Default::default(), true)
+                .unwrap();
+        let t = BodyTransform {
+            steps: vec![BodyStep::Hmac {
+                key: Zeroizing::new(b"key".to_vec()),
+                fmt: fmt.clone(),
+                dst: http::header::AUTHORIZATION,
+            }],
+        };
+        let mut h = HeaderMap::new();
+        let b = t
+            .apply(&mut h, Full::new(Bytes::from_static(b"msg")))
+            .await
+            .unwrap();
+        assert_eq!(b.collect().await.unwrap().to_bytes(), "msg");
+        // HMAC-SHA256("key", "msg")
+        assert_eq!(
+            h["authorization"],
+            "Bearer 2d93cbc1be167bcb1637a4a23cbff01a7878f0c50ee833954ea5221bb1b8c628"
+        );
+        let t = BodyTransform {
+            steps: vec![BodyStep::Hmac {
+                key: Zeroizing::new(b"key".to_vec()),
+                fmt,
+                dst: http::header::AUTHORIZATION,
+            }],
+        };
+        let big = Full::new(Bytes::from(vec![0u8; MAX_HMAC_BODY + 1]));
+        assert_eq!(
+            t.apply(&mut h, big).await.unwrap_err(),
+            TokenizerError::BodyTooLarge(MAX_HMAC_BODY)
+        );
+    }
+}

@@ -1,0 +1,228 @@
+//! The standalone tokenizer: an HTTP/1.1 proxy taking absolute-form
+//! requests (`GET http://api.example.com/x`), applying their sealed secrets
+//! and forwarding them over TLS, as superfly/tokenizer does:
+//!
+//! - the upstream is always dialled with TLS; port 80 or none means 443,
+//!   another port is kept, port 443 is refused ("proxied request must be
+//!   HTTP": the client must not do TLS itself, or we could not inject);
+//! - CONNECT is refused (Go allows CONNECT to port 80 to tunnel plain HTTP;
+//!   we do not implement that tunnel);
+//! - origin-form requests are refused ("I'm not that kind of server");
+//! - requests without a sealed secret are refused unless `open_proxy`.
+//!
+//! Unlike Go, client and upstream connections are kept alive and pooled.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{header, HeaderMap, HeaderName, Method, Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::body::ProxyBody;
+use super::client::UpstreamClient;
+use super::engine::Engine;
+use super::error::TokenizerError;
+
+/// Everything the standalone server needs.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub engine: Arc<Engine>,
+    pub client: UpstreamClient,
+    /// Forward requests that carry no sealed secret.
+    pub open_proxy: bool,
+}
+
+/// Serve proxy requests on `listener` until the task is dropped or
+/// accepting fails fatally.
+pub async fn serve(listener: TcpListener, config: ServerConfig) -> anyhow::Result<()> {
+    let cfg = Arc::new(config);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends pass; do not spin on them.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let cfg = cfg.clone();
+                async move { Ok::<_, Infallible>(handle(&cfg, req, peer).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(
+    cfg: &ServerConfig,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let (host, path) = (
+        uri.authority().map(|a| a.to_string()).unwrap_or_default(),
+        uri.path().to_string(),
+    );
+    match forward(cfg, req).await {
+        Ok((resp, secrets)) => {
+            tracing::info!(%peer, %method, %host, %path, secrets, status = resp.status().as_u16(),
+                dur_ms = start.elapsed().as_millis() as u64, "proxied");
+            resp
+        }
+        Err(e) => {
+            tracing::warn!(%peer, %method, %host, %path, status = e.status().as_u16(), error = %e,
+                dur_ms = start.elapsed().as_millis() as u64, "refused");
+            e.to_response()
+                .map(|b| b.map_err(|e| match e {}).boxed_unsync())
+        }
+    }
+}
+
+async fn forward(
+    cfg: &ServerConfig,
+    req: Request<Incoming>,
+) -> Result<(Response<ProxyBody>, usize), TokenizerError> {
+    let (mut parts, body) = req.into_parts();
+    let bad = |m: &str| TokenizerError::BadProxyRequest(m.to_string());
+    if parts.method == Method::CONNECT {
+        return Err(if parts.uri.port_u16() == Some(443) {
+            bad("proxied request must be HTTP: CONNECT to port 443 is refused; send the request in \
+                 absolute form (GET http://host/path) and the tokenizer dials the host with TLS")
+        } else {
+            bad("CONNECT is not supported; send requests in absolute form (GET http://host/path)")
+        });
+    }
+    match parts.uri.scheme_str() {
+        Some("http") => {}
+        Some(_) => {
+            return Err(bad(
+                "proxied request must be HTTP: send http://host/path and the tokenizer \
+                            dials the host with TLS",
+            ))
+        }
+        None => {
+            return Err(bad(
+                "I'm not that kind of server: send proxy requests in absolute form \
+                            (GET http://host/path)",
+            ))
+        }
+    }
+    let authority = parts
+        .uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| bad("must specify host"))?;
+    let port = match authority.port_u16() {
+        Some(443) => {
+            return Err(bad(
+                "proxied request must be HTTP: port 443 means the client speaks TLS; \
+                            send http://host/path and the tokenizer dials port 443 with TLS",
+            ))
+        }
+        Some(80) | None => 443,
+        Some(p) => p,
+    };
+    if authority.host().is_empty() {
+        return Err(bad("must specify host"));
+    }
+
+    strip_hop_by_hop(&mut parts.headers);
+    let applied = cfg.engine.apply(&mut parts)?;
+    if applied.secrets == 0 && !cfg.open_proxy {
+        return Err(TokenizerError::NoSecret);
+    }
+
+    let host = authority.host();
+    let up_authority = if port == 443 {
+        host.to_string()
+    } else {
+        format!("{host}:{port}")
+    };
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    parts.uri = Uri::builder()
+        .scheme("https")
+        .authority(up_authority.as_str())
+        .path_and_query(pq)
+        .build()
+        .map_err(|e| bad(&format!("bad upstream URI: {e}")))?;
+    // The client derives Host (HTTP/1) or :authority (HTTP/2) from the URI.
+    parts.headers.remove(header::HOST);
+    parts.version = Version::HTTP_11;
+
+    let body = applied.body.apply(&mut parts.headers, body).await?;
+    let resp = cfg.client.send(Request::from_parts(parts, body)).await?;
+    let (mut rparts, rbody) = resp.into_parts();
+    strip_hop_by_hop(&mut rparts.headers);
+    let rbody = rbody
+        .map_err(|e| -> super::body::BoxError { Box::new(e) })
+        .boxed_unsync();
+    Ok((Response::from_parts(rparts, rbody), applied.secrets))
+}
+
+/// Remove hop-by-hop headers (RFC 9110 7.6.1), including those the
+/// Connection header names, and Proxy-Connection.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        // Never let Connection smuggle away what we must strip ourselves
+        // (they are removed below anyway) or add.
+        h.remove(n);
+    }
+    for n in [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-private".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+}

@@ -1,0 +1,1118 @@
+//! The relay end to end on loopback, unprivileged: a real client (hyper
+//! over rustls, and curl) → the relay → a fake remote tokenizer (an HTTP
+//! proxy that injects a credential) → a fake HTTPS upstream whose test CA
+//! only the tokenizer trusts. The kernel is replaced by an `origin_of`
+//! closure that reports a fixed original destination.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use proxypilot::kernel::origin::OriginalDestination;
+use proxypilot::relay::{self, Forwarder, Limits, Relay, RelayConfig, RemoteTokenizer};
+use proxypilot::settings::{SecretString, Target};
+use proxypilot::tls::ca::CertAuthority;
+use rcgen::{CertificateParams, DnType, IsCa, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::RootCertStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type TestBody = BoxBody<Bytes, BoxError>;
+
+const HOST: &str = "api.example.com";
+const SEALED: &str = "sealed-blob-xyz-do-not-log";
+const REAL_SECRET: &str = "real-secret-do-not-log";
+const SECRET_NAME: &str = "EXAMPLE_SEALED";
+
+// ---------------------------------------------------------------- logging
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+/// All log output of this test binary, as JSON lines.
+fn logs() -> &'static Capture {
+    static LOGS: OnceLock<Capture> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let cap = Capture::default();
+        tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(cap.clone())
+            .init();
+        cap
+    })
+}
+
+fn log_text() -> String {
+    String::from_utf8_lossy(&logs().0.lock().unwrap()).into_owned()
+}
+
+// ------------------------------------------------------------ test PKI
+
+struct TestPki {
+    ca_der: CertificateDer<'static>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+/// A test CA and an upstream certificate for HOST, localhost and 127.0.0.1.
+fn upstream_pki() -> TestPki {
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca_params = CertificateParams::default();
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "upstream test CA");
+    ca_params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params =
+        CertificateParams::new(vec![HOST.to_string(), "localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let mut server = rustls::ServerConfig::builder_with_provider(proxypilot::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    TestPki {
+        ca_der: ca.der().clone(),
+        server: Arc::new(server),
+    }
+}
+
+fn client_config(root: CertificateDer<'static>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    roots.add(root).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(proxypilot::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+// ------------------------------------------------------- fake upstream
+
+#[derive(Default)]
+struct Upstream {
+    /// The SSE handler waits for this before sending its second event.
+    sse_go: Notify,
+    sse_second_sent: Mutex<Option<Instant>>,
+}
+
+fn full(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+fn stream_body(rx: tokio::sync::mpsc::Receiver<Bytes>) -> TestBody {
+    let s = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, BoxError>(Frame::data(b)), rx))
+    });
+    StreamBody::new(s).boxed()
+}
+
+async fn upstream_handler(
+    state: Arc<Upstream>,
+    req: Request<Incoming>,
+) -> Result<Response<TestBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    let resp = match path.as_str() {
+        "/sse" => {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(async move {
+                tx.send(Bytes::from_static(b"data: one\n\n")).await.unwrap();
+                // If anything buffers, the client never sees event one and
+                // never notifies: the test's timeout fires instead.
+                state.sse_go.notified().await;
+                *state.sse_second_sent.lock().unwrap() = Some(Instant::now());
+                let _ = tx.send(Bytes::from_static(b"data: two\n\n")).await;
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(stream_body(rx))
+                .unwrap()
+        }
+        "/big" => {
+            let n: u64 = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("n="))
+                .unwrap()
+                .parse()
+                .unwrap();
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            tokio::spawn(async move {
+                let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+                let mut left = n;
+                while left > 0 {
+                    let c = chunk.slice(..left.min(chunk.len() as u64) as usize);
+                    left -= c.len() as u64;
+                    if tx.send(c).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Response::builder()
+                .header("content-length", n.to_string())
+                .body(stream_body(rx))
+                .unwrap()
+        }
+        _ => {
+            let method = req.method().to_string();
+            let uri = req.uri().to_string();
+            let headers: BTreeMap<String, String> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_string()))
+                .collect();
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let json = serde_json::json!({
+                "method": method, "uri": uri, "headers": headers,
+                "body_len": body.len(), "body": String::from_utf8_lossy(&body[..body.len().min(256)]),
+            });
+            Response::builder()
+                .header("content-type", "application/json")
+                .header("x-upstream", "fake")
+                .body(full(json.to_string()))
+                .unwrap()
+        }
+    };
+    Ok(resp)
+}
+
+async fn spawn_upstream(pki: &TestPki, state: Arc<Upstream>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server.clone());
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            let (acceptor, state) = (acceptor.clone(), state.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let svc = service_fn(move |req| upstream_handler(state.clone(), req));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+// ------------------------------------------------------ fake tokenizer
+
+/// What the fake tokenizer received, per request.
+#[derive(Debug, Clone)]
+struct Seen {
+    uri: String,
+    proxy_tokenizer: Option<String>,
+    proxy_authorization: Option<String>,
+    fly_src_optin: Option<String>,
+}
+
+#[derive(Default)]
+struct Tokenizer {
+    seen: Mutex<Vec<Seen>>,
+    connections: AtomicUsize,
+}
+
+/// Like superfly/tokenizer: an HTTP proxy that takes absolute-form
+/// requests, requires Proxy-Tokenizer, strips Proxy-*, injects the real
+/// credential and dials the host over TLS (here: always the fake upstream).
+async fn tokenizer_handler(
+    state: Arc<Tokenizer>,
+    upstream: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    mut req: Request<Incoming>,
+) -> Result<Response<TestBody>, Infallible> {
+    let h = |n: &str| {
+        req.headers()
+            .get(n)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    state.seen.lock().unwrap().push(Seen {
+        uri: req.uri().to_string(),
+        proxy_tokenizer: h("proxy-tokenizer"),
+        proxy_authorization: h("proxy-authorization"),
+        fly_src_optin: h("fly-src-optin"),
+    });
+    if req.uri().scheme_str() != Some("http") || h("proxy-tokenizer").as_deref() != Some(SEALED) {
+        return Ok(Response::builder()
+            .status(400)
+            .body(full("bad tokenizer request"))
+            .unwrap());
+    }
+    let host = req.uri().host().unwrap().to_string();
+    let pq = req.uri().path_and_query().unwrap().as_str().to_string();
+    *req.uri_mut() = pq.parse().unwrap();
+    let names: Vec<_> = req
+        .headers()
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    for n in names {
+        req.headers_mut().remove(n);
+    }
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {REAL_SECRET}").parse().unwrap(),
+    );
+    let tcp = TcpStream::connect(upstream).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(ServerName::try_from(host).unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = send.send_request(req).await.unwrap();
+    Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+}
+
+async fn spawn_tokenizer(
+    state: Arc<Tokenizer>,
+    upstream: SocketAddr,
+    upstream_ca: CertificateDer<'static>,
+) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = client_config(upstream_ca, &[b"http/1.1"]);
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            state.connections.fetch_add(1, Ordering::SeqCst);
+            let (state, tls) = (state.clone(), tls.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    tokenizer_handler(state.clone(), upstream, tls.clone(), req)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+// ----------------------------------------------------------- the relay
+
+struct Env {
+    relay_addr: SocketAddr,
+    relay: Arc<Relay>,
+    ca_pem: String,
+    ca_der: CertificateDer<'static>,
+    upstream_ca: CertificateDer<'static>,
+    upstream_addr: SocketAddr,
+    upstream: Arc<Upstream>,
+    tokenizer: Arc<Tokenizer>,
+}
+
+#[derive(Default)]
+struct Opts {
+    limits: Option<Limits>,
+    tokenizer_down: bool,
+    /// The original destination the "kernel" reports; default
+    /// 203.0.113.10:<relay port>.
+    origin: Option<SocketAddr>,
+    allow_cidrs: Vec<ipnet::IpNet>,
+}
+
+fn short_limits() -> Limits {
+    Limits {
+        handshake_timeout: Duration::from_secs(2),
+        header_read_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+        response_timeout: Duration::from_secs(10),
+        ..Limits::default()
+    }
+}
+
+async fn env(opts: Opts) -> Env {
+    logs();
+    proxypilot::tls::ensure_crypto_provider();
+    let pki = upstream_pki();
+    let upstream = Arc::new(Upstream::default());
+    let upstream_addr = spawn_upstream(&pki, upstream.clone()).await;
+    let tokenizer = Arc::new(Tokenizer::default());
+    let tok_addr = if opts.tokenizer_down {
+        // A port nobody listens on.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        drop(l);
+        a
+    } else {
+        spawn_tokenizer(tokenizer.clone(), upstream_addr, pki.ca_der.clone()).await
+    };
+
+    let ca = Arc::new(CertAuthority::ephemeral(&[HOST.to_string()]).unwrap());
+    let limits = opts.limits.unwrap_or_else(short_limits);
+    let remote = RemoteTokenizer::new(
+        &format!("http://{tok_addr}").parse().unwrap(),
+        limits.connect_timeout,
+        limits.response_timeout,
+    )
+    .unwrap();
+    let relay = Arc::new(
+        Relay::new(RelayConfig {
+            targets: vec![Target {
+                host: HOST.into(),
+                secret_name: SECRET_NAME.into(),
+                sealed: SecretString::new(SEALED.into()),
+            }],
+            allow: vec![proxypilot::policy::HostPattern::parse("localhost").unwrap()],
+            allow_cidrs: opts.allow_cidrs,
+            ca: ca.clone(),
+            forwarder: Forwarder::Remote(Arc::new(remote)),
+            proxy_authorization: Some("Bearer tokenizer-auth".into()),
+            limits,
+            leaf_lifetime: Duration::from_secs(3600),
+            leaf_capacity: 16,
+        })
+        .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = listener.local_addr().unwrap();
+    let origin = opts
+        .origin
+        .unwrap_or_else(|| SocketAddr::new("203.0.113.10".parse().unwrap(), relay_addr.port()));
+    tokio::spawn(relay::serve(listener, relay.clone(), move |_peer| {
+        Some(OriginalDestination {
+            addr: origin,
+            pid: 4242,
+            uid: 1000,
+            cgroup_id: 7,
+            comm: "testclient".into(),
+        })
+    }));
+    Env {
+        relay_addr,
+        relay,
+        ca_pem: ca.ca_pem().to_string(),
+        ca_der: ca.ca_der(),
+        upstream_ca: pki.ca_der,
+        upstream_addr,
+        upstream,
+        tokenizer,
+    }
+}
+
+impl Env {
+    async fn tls(
+        &self,
+        sni: &str,
+        alpn: &[&[u8]],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(self.relay_addr).await?;
+        tokio_rustls::TlsConnector::from(client_config(self.ca_der.clone(), alpn))
+            .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+            .await
+    }
+
+    async fn h1(&self) -> hyper::client::conn::http1::SendRequest<TestBody> {
+        let tls = self.tls(HOST, &[b"http/1.1"]).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    fn host_header(&self) -> String {
+        format!("{HOST}:{}", self.relay_addr.port())
+    }
+}
+
+fn get(path: &str, host: &str) -> Request<TestBody> {
+    Request::get(path)
+        .header("host", host)
+        .body(Empty::new().map_err(|e| match e {}).boxed())
+        .unwrap()
+}
+
+async fn json_body(resp: Response<Incoming>) -> serde_json::Value {
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&b)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&b)))
+}
+
+// --------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn get_and_post_reach_upstream_with_credential_and_without_proxy_headers() {
+    let e = env(Opts::default()).await;
+    let mut c = e.h1().await;
+
+    let mut req = get("/echo?x=1", &e.host_header());
+    req.headers_mut()
+        .insert("proxy-tokenizer", "sandbox-forged".parse().unwrap());
+    req.headers_mut()
+        .insert("authorization", "Bearer dummy".parse().unwrap());
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-upstream"], "fake");
+    let j = json_body(resp).await;
+    assert_eq!(j["method"], "GET");
+    assert_eq!(j["uri"], "/echo?x=1");
+    assert_eq!(
+        j["headers"]["authorization"],
+        format!("Bearer {REAL_SECRET}")
+    );
+    for (k, _) in j["headers"].as_object().unwrap() {
+        assert!(!k.starts_with("proxy-"), "upstream saw {k}");
+    }
+
+    let seen = e.tokenizer.seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        seen.uri,
+        format!("http://{HOST}:{}/echo?x=1", e.relay_addr.port())
+    );
+    assert_eq!(
+        seen.proxy_tokenizer.as_deref(),
+        Some(SEALED),
+        "only the relay's sealed secret"
+    );
+    assert_eq!(
+        seen.proxy_authorization.as_deref(),
+        Some("Bearer tokenizer-auth")
+    );
+    assert_eq!(seen.fly_src_optin.as_deref(), Some("*"));
+
+    let post = Request::post("/echo")
+        .header("host", e.host_header())
+        .header("content-type", "application/json")
+        .body(full(r#"{"hello":"world"}"#))
+        .unwrap();
+    let resp = c.send_request(post).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let j = json_body(resp).await;
+    assert_eq!(j["method"], "POST");
+    assert_eq!(j["body"], r#"{"hello":"world"}"#);
+    assert_eq!(j["headers"]["content-type"], "application/json");
+}
+
+#[tokio::test]
+async fn chunked_upload_streams_through() {
+    let e = env(Opts::default()).await;
+    let mut c = e.h1().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for _ in 0..10 {
+            tx.send(Bytes::from(vec![b'a'; 10_000])).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let req = Request::post("/echo")
+        .header("host", e.host_header())
+        .body(stream_body(rx))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let j = json_body(resp).await;
+    assert_eq!(j["body_len"], 100_000);
+    assert_eq!(j["headers"]["transfer-encoding"], "chunked");
+}
+
+#[tokio::test]
+async fn http2_client() {
+    let e = env(Opts::default()).await;
+    let tls = e.tls(HOST, &[b"h2", b"http/1.1"]).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut c, conn) = hyper::client::conn::http2::handshake::<_, _, TestBody>(
+        TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for i in 0..5 {
+        let uri = format!("https://{}/echo?i={i}", e.host_header());
+        let req = Request::get(uri)
+            .version(http::Version::HTTP_2)
+            .body(Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+        let resp = c.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let j = json_body(resp).await;
+        assert_eq!(j["uri"], format!("/echo?i={i}"));
+        assert_eq!(
+            j["headers"]["authorization"],
+            format!("Bearer {REAL_SECRET}")
+        );
+    }
+}
+
+#[tokio::test]
+async fn keep_alive_many_requests_one_connection() {
+    let e = env(Opts::default()).await;
+    let mut c = e.h1().await;
+    for i in 0..100 {
+        let resp = c
+            .send_request(get(&format!("/echo?n={i}"), HOST))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+    }
+    assert_eq!(e.relay.leaves().mints(), 1);
+    // The pooled client reused one keep-alive connection to the tokenizer.
+    assert_eq!(e.tokenizer.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn idle_connection_is_closed() {
+    let e = env(Opts {
+        limits: Some(Limits {
+            idle_timeout: Duration::from_millis(300),
+            ..short_limits()
+        }),
+        ..Opts::default()
+    })
+    .await;
+    let mut tls = e.tls(HOST, &[b"http/1.1"]).await.unwrap();
+    tls.write_all(b"GET /echo HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    // The response arrives, then the idle connection is closed.
+    let r = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "idle connection left open");
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"));
+    assert!(start.elapsed() >= Duration::from_millis(300));
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused() {
+    let e = env(Opts {
+        limits: Some(Limits {
+            max_header_bytes: 8192,
+            ..short_limits()
+        }),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = e.h1().await;
+    let mut req = get("/echo", HOST);
+    req.headers_mut()
+        .insert("x-big", "a".repeat(20_000).parse().unwrap());
+    match c.send_request(req).await {
+        Ok(resp) => assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+        Err(err) => eprintln!("connection closed: {err}"),
+    }
+    assert!(e.tokenizer.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn connection_cap_closes_extra_connections() {
+    let e = env(Opts {
+        limits: Some(Limits {
+            max_connections: 1,
+            ..short_limits()
+        }),
+        ..Opts::default()
+    })
+    .await;
+    let mut first = e.h1().await;
+    assert_eq!(
+        first
+            .send_request(get("/echo", HOST))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert!(
+        e.tls(HOST, &[]).await.is_err(),
+        "second connection over the cap"
+    );
+    assert!(log_text().contains("too many concurrent connections"));
+}
+
+#[tokio::test]
+async fn sse_arrives_event_by_event() {
+    let e = env(Opts::default()).await;
+    let mut c = e.h1().await;
+    let resp = c.send_request(get("/sse", HOST)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("first event did not arrive while the upstream held the second: something buffers")
+        .unwrap()
+        .unwrap();
+    let seen_first_at = Instant::now();
+    assert_eq!(first.into_data().unwrap(), "data: one\n\n");
+    assert!(e.upstream.sse_second_sent.lock().unwrap().is_none());
+    e.upstream.sse_go.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(rest, "data: two\n\n");
+    assert!(e.upstream.sse_second_sent.lock().unwrap().unwrap() >= seen_first_at);
+}
+
+#[tokio::test]
+async fn host_sni_mismatch_is_421() {
+    let e = env(Opts::default()).await;
+    let mut c = e.h1().await;
+    let resp = c
+        .send_request(get("/echo", "evil.example.net"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::MISDIRECTED_REQUEST);
+    let j = json_body(resp).await;
+    assert!(
+        j["error"].as_str().unwrap().contains("evil.example.net"),
+        "{j}"
+    );
+    assert!(
+        e.tokenizer.seen.lock().unwrap().is_empty(),
+        "nothing forwarded"
+    );
+    // Wrong port counts as a mismatch too; :443 and the dialled port match.
+    let resp = c
+        .send_request(get("/echo", &format!("{HOST}:1")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 421);
+    let resp = c
+        .send_request(get("/echo", &format!("{HOST}:443")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn unknown_sni_is_denied() {
+    let e = env(Opts::default()).await;
+    let err = e.tls("unknown.example.org", &[]).await.unwrap_err();
+    eprintln!("client saw: {err}");
+    assert!(log_text().contains("unknown.example.org has no secret"));
+}
+
+#[tokio::test]
+async fn no_sni_is_denied_unless_cidr_allowed() {
+    let e = env(Opts::default()).await;
+    // rustls sends no SNI for an IP address server name.
+    let tcp = TcpStream::connect(e.relay_addr).await.unwrap();
+    let r = tokio_rustls::TlsConnector::from(client_config(e.ca_der.clone(), &[]))
+        .connect(
+            ServerName::IpAddress("127.0.0.1".parse::<std::net::IpAddr>().unwrap().into()),
+            tcp,
+        )
+        .await;
+    assert!(r.is_err());
+
+    // With the original IP in an allowed CIDR it passes through to it.
+    let pki_probe = env(Opts::default()).await; // a second upstream to aim at
+    let e = env(Opts {
+        origin: Some(pki_probe.upstream_addr),
+        allow_cidrs: vec!["127.0.0.0/8".parse().unwrap()],
+        ..Opts::default()
+    })
+    .await;
+    let tcp = TcpStream::connect(e.relay_addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(pki_probe.upstream_ca.clone(), &[]))
+        .connect(
+            ServerName::IpAddress("127.0.0.1".parse::<std::net::IpAddr>().unwrap().into()),
+            tcp,
+        )
+        .await
+        .expect("no-SNI pass-through to an allowed CIDR");
+    drop(tls);
+}
+
+#[tokio::test]
+async fn pass_through_shows_upstream_certificate() {
+    let probe = env(Opts::default()).await;
+    // "localhost" is on the allow list; the relay resolves it itself and
+    // dials the original port, where the probe's upstream listens.
+    let e = env(Opts {
+        origin: Some(SocketAddr::new(
+            "203.0.113.99".parse().unwrap(),
+            probe.upstream_addr.port(),
+        )),
+        ..Opts::default()
+    })
+    .await;
+    let tcp = TcpStream::connect(e.relay_addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(
+        probe.upstream_ca.clone(),
+        &[b"http/1.1"],
+    ))
+    .connect(ServerName::try_from("localhost").unwrap(), tcp)
+    .await
+    .expect("the client trusts only the upstream's CA, so this proves the cert is the upstream's");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = send.send_request(get("/echo", "localhost")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let j = json_body(resp).await;
+    assert!(
+        j["headers"].get("authorization").is_none(),
+        "pass-through injects nothing"
+    );
+}
+
+#[tokio::test]
+async fn tokenizer_down_is_502_with_clear_body() {
+    let e = env(Opts {
+        tokenizer_down: true,
+        ..Opts::default()
+    })
+    .await;
+    let mut c = e.h1().await;
+    let resp = c.send_request(get("/echo", HOST)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let j = json_body(resp).await;
+    let err = j["error"].as_str().unwrap();
+    assert!(
+        err.contains("tokenizer") && err.contains("unreachable"),
+        "{j}"
+    );
+    assert!(j["hint"].as_str().unwrap().contains("--tokenizer"), "{j}");
+}
+
+#[tokio::test]
+async fn slowloris_headers_are_cut_off() {
+    let e = env(Opts {
+        limits: Some(Limits {
+            header_read_timeout: Duration::from_millis(500),
+            ..short_limits()
+        }),
+        ..Opts::default()
+    })
+    .await;
+    let mut tls = e.tls(HOST, &[b"http/1.1"]).await.unwrap();
+    tls.write_all(b"GET /echo HTTP/1.1\r\nHost: api.example.com\r\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let trickle = tokio::spawn(async move {
+        for i in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if wr
+                .write_all(format!("x-slow-{i}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "the connection was not cut off");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    trickle.abort();
+}
+
+#[tokio::test]
+async fn silent_client_is_cut_off_at_handshake() {
+    let e = env(Opts::default()).await; // handshake timeout 2 s
+    let mut tcp = TcpStream::connect(e.relay_addr).await.unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)));
+    assert!(start.elapsed() >= Duration::from_millis(1500));
+}
+
+#[tokio::test]
+async fn not_tls_is_closed_with_a_logged_reason() {
+    let e = env(Opts::default()).await;
+    let mut tcp = TcpStream::connect(e.relay_addr).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    assert!(buf.is_empty());
+    assert!(log_text().contains("not TLS"));
+}
+
+#[tokio::test]
+async fn audit_line_has_fields_and_no_secret() {
+    let e = env(Opts::default()).await;
+    let mut c = e.h1().await;
+    let post = Request::post("/audit-me?api_key=sk-in-query&mode=x")
+        .header("host", HOST)
+        .header("authorization", "Bearer sandbox-dummy")
+        .body(full("12345"))
+        .unwrap();
+    let resp = c.send_request(post).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let n = resp.into_body().collect().await.unwrap().to_bytes().len();
+    // The line is written when both bodies are done; give it a moment.
+    let mut line = None;
+    for _ in 0..50 {
+        line = log_text()
+            .lines()
+            .find(|l| l.contains("\"audit\"") && l.contains("/audit-me"))
+            .map(str::to_string);
+        if line.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let v: serde_json::Value = serde_json::from_str(&line.expect("an audit line")).unwrap();
+    let f = &v["fields"];
+    assert_eq!(v["target"], "audit");
+    assert_eq!(f["pid"], 4242);
+    assert_eq!(f["process"], "testclient");
+    assert_eq!(
+        f["original_dst"],
+        format!("203.0.113.10:{}", e.relay_addr.port())
+    );
+    assert_eq!(f["sni"], HOST);
+    assert_eq!(f["method"], "POST");
+    assert_eq!(f["path"], "/audit-me?api_key=&mode=");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["bytes_in"], 5);
+    assert_eq!(f["bytes_out"], n as u64);
+    assert_eq!(f["secret"], SECRET_NAME);
+    assert!(f["duration_ms"].is_number() && f["time"].is_string());
+    let all = log_text();
+    for secret in [
+        SEALED,
+        REAL_SECRET,
+        "sk-in-query",
+        "tokenizer-auth",
+        "sandbox-dummy",
+    ] {
+        assert!(!all.contains(secret), "{secret} leaked into the logs");
+    }
+}
+
+#[tokio::test]
+async fn concurrent_first_connections_mint_one_leaf() {
+    let e = Arc::new(env(Opts::default()).await);
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let e = e.clone();
+            tokio::spawn(async move {
+                let mut c = e.h1().await;
+                let resp = c.send_request(get("/echo", HOST)).await.unwrap();
+                assert_eq!(resp.status(), 200);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(e.relay.leaves().mints(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_download_streams_with_flat_memory() {
+    let e = env(Opts::default()).await;
+    let n: u64 = std::env::var("RELAY_BIG_BYTES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100 << 20);
+    let mut c = e.h1().await;
+    let rss_before = rss_kib();
+    let resp = c
+        .send_request(get(&format!("/big?n={n}"), HOST))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let (mut got, mut peak) = (0u64, rss_before);
+    let start = Instant::now();
+    while let Some(f) = body.frame().await {
+        if let Ok(d) = f.unwrap().into_data() {
+            got += d.len() as u64;
+        }
+        peak = peak.max(rss_kib());
+    }
+    assert_eq!(got, n);
+    let grew_mib = (peak.saturating_sub(rss_before)) / 1024;
+    eprintln!(
+        "{} MiB in {:?}, RSS grew {grew_mib} MiB",
+        n >> 20,
+        start.elapsed()
+    );
+    assert!(
+        grew_mib < 40,
+        "RSS grew {grew_mib} MiB while streaming {} MiB",
+        n >> 20
+    );
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+// ------------------------------------------------------------------ curl
+
+async fn curl(e: &Env, args: &[&str]) -> (String, String, bool) {
+    let dir = std::env::temp_dir().join(format!(
+        "relay-curl-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &e.ca_pem).unwrap();
+    let port = e.relay_addr.port();
+    let out = tokio::process::Command::new("curl")
+        .arg("-sS")
+        .arg("--max-time")
+        .arg("10")
+        .arg("--resolve")
+        .arg(format!("{HOST}:{port}:127.0.0.1"))
+        .arg("--cacert")
+        .arg(&ca)
+        .args(args)
+        .output()
+        .await
+        .expect("curl runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+fn have_curl() -> bool {
+    std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_ok()
+}
+
+#[tokio::test]
+async fn curl_http1_and_http2() {
+    if !have_curl() {
+        eprintln!("curl not installed; skipping");
+        return;
+    }
+    let e = env(Opts::default()).await;
+    let url = format!("https://{HOST}:{}/echo?via=curl", e.relay_addr.port());
+    for (flag, want) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let (out, err, ok) = curl(&e, &[flag, "-w", "\n%{http_version} %{http_code}", &url]).await;
+        assert!(ok, "curl {flag} failed: {err}");
+        let (body, tail) = out.rsplit_once('\n').unwrap();
+        assert_eq!(tail, format!("{want} 200"), "{out}");
+        let j: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            j["headers"]["authorization"],
+            format!("Bearer {REAL_SECRET}")
+        );
+        assert_eq!(j["uri"], "/echo?via=curl");
+    }
+    // POST with a body and a chunked upload.
+    let (out, err, ok) = curl(&e, &["--data-binary", "hello=curl", &url]).await;
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["body"], "hello=curl");
+    let (out, err, ok) = curl(
+        &e,
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "chunky",
+            &url,
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["body"], "chunky");
+    // Many requests on one connection: curl reuses it for repeated URLs.
+    let urls: Vec<String> = (0..10).map(|_| url.clone()).collect();
+    let mut args: Vec<&str> = vec!["-v", "-o", "/dev/null"];
+    args.extend(urls.iter().map(String::as_str));
+    let (_, err, ok) = curl(&e, &args).await;
+    assert!(ok, "{err}");
+    assert_eq!(
+        err.matches("Re-using existing connection").count(),
+        9,
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn curl_unknown_host_fails_closed() {
+    if !have_curl() {
+        return;
+    }
+    let e = env(Opts::default()).await;
+    let port = e.relay_addr.port();
+    let (_, err, ok) = curl(
+        &e,
+        &[
+            "--resolve",
+            &format!("other.example.org:{port}:127.0.0.1"),
+            &format!("https://other.example.org:{port}/"),
+        ],
+    )
+    .await;
+    assert!(!ok, "an unknown host must not be reachable: {err}");
+}

@@ -1,0 +1,153 @@
+//! Developer and CI entry points: `cargo xtask <command>`.
+//!
+//! Nothing here is needed to build proxypilot; after `cargo xtask setup`,
+//! plain `cargo build` builds everything, the eBPF object included.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "proxypilot's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install everything a fresh Debian machine needs (idempotent): the
+    /// offline eBPF toolchain, bpf-linker, bpftool, iproute2, curl and the
+    /// test clients.
+    Setup,
+    /// Build, then run the whole test suite (privileged tests need root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks that compare two things in one run and print the ratio.
+    Bench {
+        /// Which benchmark: `kernel` (connect through the programs vs. without).
+        #[arg(default_value = "kernel")]
+        which: String,
+    },
+}
+
+/// Debian packages the build and the tests need.
+const APT_PACKAGES: &[&str] = &[
+    // rustc 1.96 + LLVM 22 with a precompiled `core` for bpfel: builds the
+    // eBPF programs with no rustup nightly and no rust-src.
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    // Tests and diagnostics.
+    "bpftool",
+    "iproute2",
+    "curl",
+    "openssl",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup(),
+        Task::Test { args } => test(&args),
+        Task::Bench { which } => bench(&which),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("xtask: Debian packages already installed");
+    } else {
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    let have_linker = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if have_linker {
+        eprintln!("xtask: bpf-linker {BPF_LINKER_VERSION} already installed");
+    } else {
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+
+    // Python packages the tests use (pinned in the requirements files).
+    let root = workspace_root();
+    for entry in std::fs::read_dir(root.join("tests"))? {
+        let path = entry?.path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("requirements") && name.ends_with(".txt") {
+            run(Command::new("python3")
+                .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"])
+                .arg(&path))?;
+        }
+    }
+    eprintln!("xtask: setup complete; `cargo build` now builds everything");
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let root = workspace_root();
+    // The end-to-end tests run the proxypilot binary.
+    run(Command::new("cargo").current_dir(&root).args(["build", "--bins"]))?;
+    run(Command::new("cargo").current_dir(&root).arg("test").args(args))
+}
+
+fn bench(which: &str) -> Result<()> {
+    let root = workspace_root();
+    match which {
+        "kernel" => run(Command::new("cargo")
+            .current_dir(&root)
+            .args(["bench", "-p", "proxypilot-tests", "--bench", "kernel"])),
+        other => bail!("unknown benchmark `{other}`; available: kernel"),
+    }
+}
