@@ -16,9 +16,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use proxypilot_common::{
-    deny_reason, hook, is_mapped_ip4, mapped_ip4, AllowTarget, Config, DenyEvent, Origin,
-    PeerKey, ALLOWED_MAP_ENTRIES, ALLOW_TCP, ALLOW_UDP, DENIALS_BYTES, INTERCEPT_PORT_ENTRIES,
-    IPPROTO_TCP, IPPROTO_UDP, ORIGIN_MAP_ENTRIES, QUIC_PORT,
+    deny_reason, hook, is_mapped_ip4, mapped_ip4, AllowTarget, Config, DenyEvent, Origin, PeerKey,
+    ALLOWED_MAP_ENTRIES, ALLOW_TCP, ALLOW_UDP, DENIALS_BYTES, INTERCEPT_PORT_ENTRIES, IPPROTO_TCP,
+    IPPROTO_UDP, ORIGIN_MAP_ENTRIES, QUIC_PORT,
 };
 
 const AF_INET: u16 = 2;
@@ -119,7 +119,8 @@ fn config() -> Option<&'static Config> {
 
 fn is_exempt(config: &Config) -> bool {
     // SAFETY: a helper with no arguments.
-    config.exempt_cgroup_id != 0 && unsafe { bpf_get_current_cgroup_id() } == config.exempt_cgroup_id
+    config.exempt_cgroup_id != 0
+        && unsafe { bpf_get_current_cgroup_id() } == config.exempt_cgroup_id
 }
 
 /// `V6` is a const parameter so each hook gets its own copy with constant

@@ -18,10 +18,20 @@ pub struct Check {
 
 impl Check {
     fn pass(name: &'static str, detail: impl Into<String>) -> Self {
-        Check { name, ok: true, detail: detail.into(), fix: None }
+        Check {
+            name,
+            ok: true,
+            detail: detail.into(),
+            fix: None,
+        }
     }
     fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
-        Check { name, ok: false, detail: detail.into(), fix: Some(fix.into()) }
+        Check {
+            name,
+            ok: false,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
     }
 }
 
@@ -31,12 +41,22 @@ const MIN_KERNEL: (u32, u32) = (5, 8);
 
 /// Runs every check in order.
 pub fn run_checks() -> Vec<Check> {
-    let mut checks = vec![kernel_version(), btf(), cgroup2(), bpffs_check(), capabilities()];
+    let mut checks = vec![
+        kernel_version(),
+        btf(),
+        cgroup2(),
+        bpffs_check(),
+        capabilities(),
+    ];
     let can_load = checks.iter().all(|c| c.ok);
     checks.push(if can_load {
         trial_load()
     } else {
-        Check::fail("trial load", "skipped: an earlier check failed", "fix the failures above first")
+        Check::fail(
+            "trial load",
+            "skipped: an earlier check failed",
+            "fix the failures above first",
+        )
     });
     checks
 }
@@ -48,10 +68,17 @@ fn kernel_version() -> Check {
         Some(v) if v >= MIN_KERNEL => Check::pass("kernel", format!("Linux {release}")),
         Some(_) => Check::fail(
             "kernel",
-            format!("Linux {release} is older than {}.{}", MIN_KERNEL.0, MIN_KERNEL.1),
+            format!(
+                "Linux {release} is older than {}.{}",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            ),
             "upgrade to Linux 5.8 or newer",
         ),
-        None => Check::fail("kernel", format!("cannot read the kernel version ({release:?})"), "is /proc mounted?"),
+        None => Check::fail(
+            "kernel",
+            format!("cannot read the kernel version ({release:?})"),
+            "is /proc mounted?",
+        ),
     }
 }
 
@@ -78,7 +105,11 @@ fn btf() -> Check {
 fn cgroup2() -> Check {
     match cgroup::cgroup2_mount() {
         Ok(p) => Check::pass("cgroup v2", format!("mounted at {}", p.display())),
-        Err(e) => Check::fail("cgroup v2", format!("{e:#}"), "mount it: `mount -t cgroup2 none /sys/fs/cgroup`"),
+        Err(e) => Check::fail(
+            "cgroup v2",
+            format!("{e:#}"),
+            "mount it: `mount -t cgroup2 none /sys/fs/cgroup`",
+        ),
     }
 }
 
@@ -89,11 +120,17 @@ fn bpffs_check() -> Check {
     // proxypilot mounts it itself when it attaches; do the same here so the
     // trial load below sees what a real run would.
     match bpffs::ensure_mounted() {
-        Ok(()) => Check::pass("bpffs", format!("was not mounted; mounted it at {}", bpffs::BPFFS)),
+        Ok(()) => Check::pass(
+            "bpffs",
+            format!("was not mounted; mounted it at {}", bpffs::BPFFS),
+        ),
         Err(e) => Check::fail(
             "bpffs",
             format!("{e:#}"),
-            format!("`mount -t bpf bpf {}`, or in a container mount it from the host", bpffs::BPFFS),
+            format!(
+                "`mount -t bpf bpf {}`, or in a container mount it from the host",
+                bpffs::BPFFS
+            ),
         ),
     }
 }
@@ -122,7 +159,10 @@ fn capabilities() -> Check {
     .map(|(_, n)| *n)
     .collect();
     if missing.is_empty() {
-        Check::pass("capabilities", "CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_ADMIN")
+        Check::pass(
+            "capabilities",
+            "CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN and CAP_SYS_ADMIN",
+        )
     } else {
         Check::fail(
             "capabilities",
@@ -135,7 +175,10 @@ fn capabilities() -> Check {
 
 fn trial_load() -> Check {
     match attach::trial_load() {
-        Ok(n) => Check::pass("trial load", format!("the kernel verified all {n} programs")),
+        Ok(n) => Check::pass(
+            "trial load",
+            format!("the kernel verified all {n} programs"),
+        ),
         Err(e) => Check::fail(
             "trial load",
             format!("{e:#}"),

@@ -5,14 +5,16 @@
 //! `relay`) and injects sealed credentials through the tokenizer
 //! (`tokenizer`).
 
+pub mod audit;
 pub mod cli;
 pub mod doctor;
+pub mod info;
 pub mod kernel;
 pub mod paths;
-pub mod tokenizer;
-pub mod tls;
-pub mod relay;
 pub mod policy;
-pub mod audit;
+pub mod relay;
+pub mod run;
 pub mod settings;
-pub mod info;
+pub mod sidecar;
+pub mod tls;
+pub mod tokenizer;

@@ -23,15 +23,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Doctor => doctor::run(),
         Command::Detach(args) => detach::run(args),
         Command::Sidecar(args) => runtime()?.block_on(sidecar::run(args)),
+        Command::Tokenizer(args) => runtime()?.block_on(tokenizer::run(args)),
+        Command::Seal(args) => seal::run(args),
+        Command::Keygen(args) => keygen::run(args),
     }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_env("PROXYPILOT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("PROXYPILOT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // `init` also bridges the `log` crate, through which eBPF log records arrive.
     use std::io::IsTerminal;
     let builder = fmt()

@@ -90,6 +90,8 @@ pub struct Target {
     /// The environment variable's name: what logs and audit lines show.
     pub secret_name: String,
     pub sealed: SecretString,
+    /// Headers the client may carry its dummy in (see relay::credentials).
+    pub slots: Vec<crate::relay::credentials::Slot>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,6 +352,7 @@ fn parse_target(spec: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Targ
         ));
     }
     Ok(Target {
+        slots: crate::relay::credentials::preset_slots(&host),
         host,
         secret_name: var.to_string(),
         sealed: SecretString(sealed),

@@ -450,3 +450,37 @@ where
     }
     total as f64 / start.elapsed().as_secs_f64()
 }
+
+/// The embedded front door: the relay hands `forward_request` the same
+/// absolute-form request it would send a remote tokenizer, from a spawned
+/// task, with a boxed body.
+#[tokio::test]
+async fn embedded_forward_request() {
+    use proxypilot::tokenizer::{forward_request, ProxyBody, ServerConfig};
+    let up = start_upstream().await;
+    let engine = std::sync::Arc::new(new_engine());
+    let cfg = ServerConfig {
+        engine: engine.clone(),
+        client: UpstreamClient::new(&up.client_config(true)).unwrap(),
+        open_proxy: false,
+    };
+    let sealed = seal(engine.seal_key(), &api_key_secret("sk-emb"));
+    let body: ProxyBody = Full::new(Bytes::from_static(b"hi"))
+        .map_err(|e| match e {})
+        .boxed_unsync();
+    let req = Request::post(format!("http://{UPSTREAM_HOST}/e"))
+        .header("host", UPSTREAM_HOST)
+        .header("proxy-tokenizer", &sealed)
+        .header("proxy-authorization", "Bearer proxy-pass")
+        .header("fly-src-optin", "*")
+        .body(body)
+        .unwrap();
+    let (resp, secrets) = tokio::spawn(async move { forward_request(&cfg, req).await })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((resp.status().as_u16(), secrets), (200, 1));
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "hi");
+    assert_eq!(up.last().headers["x-api-key"], "sk-emb");
+    assert_no_proxy_headers(&up.last());
+}

@@ -63,17 +63,27 @@ fn main() {
         redirected.extend(run_client(with.path(), "203.0.113.10:443", per_round));
     }
     let (r, d) = (median(&mut redirected), median(&mut direct));
-    println!("kernel connect()+close, {} connects each, medians:", CONNECTS);
+    println!(
+        "kernel connect()+close, {} connects each, medians:",
+        CONNECTS
+    );
     println!("  direct to the listener (no programs): {:>8.1} µs", d);
     println!("  redirected by connect4 + sock_ops:     {:>8.1} µs", r);
     println!("  ratio redirected/direct:               {:>8.2}", r / d);
-    println!("  records left in the origin map:        {}", attachment.pending_origins());
+    println!(
+        "  records left in the origin map:        {}",
+        attachment.pending_origins()
+    );
 }
 
 fn run_client(cg: &std::path::Path, target: &str, n: usize) -> Vec<f64> {
     let exe = std::env::current_exe().unwrap();
     let out = run_ok(in_cgroup(cg, exe.to_str().unwrap()).args(["client", target, &n.to_string()]));
-    String::from_utf8(out.stdout).unwrap().lines().map(|l| l.parse().unwrap()).collect()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
 }
 
 /// Connects and closes `n` times, printing each duration in µs.

@@ -30,7 +30,10 @@ fn attach_with_echo(cg: &TestCgroup, allowed: Vec<AllowRule>) -> (Arc<Attachment
         exempt_cgroup_id: cgroup::cgroup_id(&own).unwrap(),
     };
     policy
-        .set_listeners(&[listeners.0.local_addr().unwrap(), listeners.1.local_addr().unwrap()])
+        .set_listeners(&[
+            listeners.0.local_addr().unwrap(),
+            listeners.1.local_addr().unwrap(),
+        ])
         .unwrap();
     let attachment = Arc::new(Attachment::attach(cg.path(), &policy).expect("attach"));
     let echo = OriginEcho::serve(listeners, attachment.clone());
@@ -58,15 +61,23 @@ fn redirects_ipv4_ipv6_and_v4_mapped_and_shows_the_original_peer() {
     let cg = TestCgroup::new("redirect");
     let (attachment, _echo) = attach_with_echo(&cg, vec![]);
 
-    assert_redirected(&probe_one(cg.path(), &["tcp", DEST4, "443"]), "203.0.113.10:443");
-    assert_redirected(&probe_one(cg.path(), &["tcp", DEST6, "443"]), "[2001:db8::10]:443");
+    assert_redirected(
+        &probe_one(cg.path(), &["tcp", DEST4, "443"]),
+        "203.0.113.10:443",
+    );
+    assert_redirected(
+        &probe_one(cg.path(), &["tcp", DEST6, "443"]),
+        "[2001:db8::10]:443",
+    );
     // A dual-stack socket to a v4-mapped address runs connect6 only.
     let mapped = probe_one(cg.path(), &["tcp6", "::ffff:203.0.113.10", "443"]);
     assert_eq!(mapped["reply"]["orig"], "203.0.113.10:443", "{mapped}");
     assert_eq!(mapped["peer"], "[::ffff:203.0.113.10]:443", "{mapped}");
 
     assert_eq!(attachment.pending_origins(), 0);
-    wait_until("socket records are forgotten on close", || attachment.tracked_sockets() == 0);
+    wait_until("socket records are forgotten on close", || {
+        attachment.tracked_sockets() == 0
+    });
 }
 
 #[test]
@@ -80,7 +91,9 @@ fn recovers_500_concurrent_connections_from_5_processes_exactly() {
 
     // Each process opens 100 connections (two to each of 50 destinations)
     // before talking on any, so all 500 are open at the same time.
-    let targets: Vec<String> = (0..100).map(|i| format!("203.0.113.{}:443", i % 50 + 1)).collect();
+    let targets: Vec<String> = (0..100)
+        .map(|i| format!("203.0.113.{}:443", i % 50 + 1))
+        .collect();
     let children: Vec<_> = (0..5)
         .map(|_| {
             netprobe(cg.path())
@@ -102,8 +115,14 @@ fn recovers_500_concurrent_connections_from_5_processes_exactly() {
         }
     }
     assert_eq!(seen, 500);
-    assert_eq!(attachment.pending_origins(), 0, "records left in PEER_ORIGIN");
-    wait_until("socket records are forgotten on close", || attachment.tracked_sockets() == 0);
+    assert_eq!(
+        attachment.pending_origins(),
+        0,
+        "records left in PEER_ORIGIN"
+    );
+    wait_until("socket records are forgotten on close", || {
+        attachment.tracked_sockets() == 0
+    });
 }
 
 #[test]
@@ -114,7 +133,10 @@ fn allowed_cidr_and_port_pass_and_everything_else_is_eperm() {
     let _other = real_server("203.0.113.20:8081");
     let _v6 = real_server("[2001:db8::20]:8080");
     let cg = TestCgroup::new("allow");
-    let allowed = vec!["203.0.113.20/32:8080".parse().unwrap(), "[2001:db8::/32]:8080".parse().unwrap()];
+    let allowed = vec![
+        "203.0.113.20/32:8080".parse().unwrap(),
+        "[2001:db8::/32]:8080".parse().unwrap(),
+    ];
     let (_attachment, _echo) = attach_with_echo(&cg, allowed);
 
     let r = probe_one(cg.path(), &["tcp", "203.0.113.20", "8080"]);
@@ -122,10 +144,22 @@ fn allowed_cidr_and_port_pass_and_everything_else_is_eperm() {
     let r = probe_one(cg.path(), &["tcp", "2001:db8::20", "8080"]);
     assert_eq!(r["reply"]["real"], "[2001:db8::20]:8080", "{r}");
     // Same host, other port; other host; IPv6 elsewhere; v4-mapped.
-    assert_errno(&probe_one(cg.path(), &["tcp", "203.0.113.20", "8081"]), "EPERM");
-    assert_errno(&probe_one(cg.path(), &["tcp", "203.0.113.30", "80"]), "EPERM");
-    assert_errno(&probe_one(cg.path(), &["tcp", "2001:db8::20", "22"]), "EPERM");
-    assert_errno(&probe_one(cg.path(), &["tcp6", "::ffff:203.0.113.30", "80"]), "EPERM");
+    assert_errno(
+        &probe_one(cg.path(), &["tcp", "203.0.113.20", "8081"]),
+        "EPERM",
+    );
+    assert_errno(
+        &probe_one(cg.path(), &["tcp", "203.0.113.30", "80"]),
+        "EPERM",
+    );
+    assert_errno(
+        &probe_one(cg.path(), &["tcp", "2001:db8::20", "22"]),
+        "EPERM",
+    );
+    assert_errno(
+        &probe_one(cg.path(), &["tcp6", "::ffff:203.0.113.30", "80"]),
+        "EPERM",
+    );
     // The v4-mapped form of an allowed destination is allowed too.
     let r = probe_one(cg.path(), &["tcp6", "::ffff:203.0.113.20", "8080"]);
     assert_eq!(r["reply"]["real"], real.to_string(), "{r}");
@@ -147,19 +181,47 @@ fn udp_only_reaches_the_dns_server_and_never_port_443() {
     ];
     let (_attachment, _echo) = attach_with_echo(&cg, dns_rules);
 
-    assert_eq!(probe_one(cg.path(), &["udp", "203.0.113.53", "53"])["ok"], true);
-    assert_eq!(probe_one(cg.path(), &["udp-connect", "203.0.113.53", "53"])["ok"], true);
-    assert_eq!(probe_one(cg.path(), &["udp", "2001:db8::53", "53"])["ok"], true);
-    wait_until("the DNS server got both datagrams", || dns.lock().unwrap().len() == 2);
-    wait_until("the IPv6 DNS server got its datagram", || dns6.lock().unwrap().len() == 1);
+    assert_eq!(
+        probe_one(cg.path(), &["udp", "203.0.113.53", "53"])["ok"],
+        true
+    );
+    assert_eq!(
+        probe_one(cg.path(), &["udp-connect", "203.0.113.53", "53"])["ok"],
+        true
+    );
+    assert_eq!(
+        probe_one(cg.path(), &["udp", "2001:db8::53", "53"])["ok"],
+        true
+    );
+    wait_until("the DNS server got both datagrams", || {
+        dns.lock().unwrap().len() == 2
+    });
+    wait_until("the IPv6 DNS server got its datagram", || {
+        dns6.lock().unwrap().len() == 1
+    });
 
-    assert_errno(&probe_one(cg.path(), &["udp", "203.0.113.40", "9999"]), "EPERM");
-    assert_errno(&probe_one(cg.path(), &["udp-connect", "203.0.113.40", "9999"]), "EPERM");
+    assert_errno(
+        &probe_one(cg.path(), &["udp", "203.0.113.40", "9999"]),
+        "EPERM",
+    );
+    assert_errno(
+        &probe_one(cg.path(), &["udp-connect", "203.0.113.40", "9999"]),
+        "EPERM",
+    );
     // QUIC is denied even to the allowed server.
-    assert_errno(&probe_one(cg.path(), &["udp", "203.0.113.53", "443"]), "EPERM");
-    assert_errno(&probe_one(cg.path(), &["udp-connect", "203.0.113.53", "443"]), "EPERM");
+    assert_errno(
+        &probe_one(cg.path(), &["udp", "203.0.113.53", "443"]),
+        "EPERM",
+    );
+    assert_errno(
+        &probe_one(cg.path(), &["udp-connect", "203.0.113.53", "443"]),
+        "EPERM",
+    );
     // A resolver that is not allowed.
-    assert_errno(&probe_one(cg.path(), &["udp", "203.0.113.40", "53"]), "EPERM");
+    assert_errno(
+        &probe_one(cg.path(), &["udp", "203.0.113.40", "53"]),
+        "EPERM",
+    );
 }
 
 #[test]
@@ -177,7 +239,10 @@ fn outside_processes_are_untouched_and_child_cgroups_are_covered() {
     writeln!(s, "hi").unwrap();
     assert!(read_all(s).contains("real"));
     // A process in a cgroup below the sandbox is covered.
-    assert_redirected(&probe_one(&child, &["tcp", DEST4, "443"]), "203.0.113.10:443");
+    assert_redirected(
+        &probe_one(&child, &["tcp", DEST4, "443"]),
+        "203.0.113.10:443",
+    );
     assert_errno(&probe_one(&child, &["tcp", DEST4, "80"]), "EPERM");
 }
 
@@ -192,15 +257,25 @@ fn the_sidecars_own_connects_are_not_redirected_even_inside_the_attach_point() {
     let dir = TempDir::new("exempt");
     let ready = dir.0.join("ready");
     let mut cmd = in_cgroup(&proxy_cg, proxypilot_bin().to_str().unwrap());
-    cmd.args(["sidecar", "--cgroup"]).arg(cg.path()).arg("--ready-file").arg(&ready);
-    cmd.args(["--listen", "127.0.0.1:0", "--listen", "[::1]:0"]);
+    cmd.args(["sidecar", "--cgroup"])
+        .arg(cg.path())
+        .arg("--ready-file")
+        .arg(&ready);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--listen",
+        "[::1]:0",
+        "--state-dir",
+    ])
+    .arg(dir.0.join("state"));
     let _sidecar = Proxypilot::start(cmd, &ready, dir.0.join("stderr"));
 
     // Same cgroup as the sidecar: exempt, reaches the real server.
     let r = probe_one(&proxy_cg, &["tcp", DEST4, "443"]);
     assert_eq!(r["reply"]["real"], real.to_string(), "{r}");
-    // The sandbox next to it is redirected to the sidecar, which (until the
-    // relay answers) closes the connection: no reply, and not the real one.
+    // The sandbox next to it is redirected to the sidecar, which closes a
+    // connection that does not speak TLS: no reply, and not the real one.
     let r = probe_one(&sandbox_cg, &["tcp", DEST4, "443"]);
     assert_eq!(r["ok"], true, "{r}");
     assert!(r["reply"].get("real").is_none(), "{r}");
@@ -217,19 +292,37 @@ fn fails_closed_after_sigkill_then_takeover_and_detach() {
     let ready = dir.0.join("ready");
     let sidecar = |n: &str| {
         let mut cmd = Command::new(proxypilot_bin());
-        cmd.args(["sidecar", "--cgroup"]).arg(cg.path()).arg("--ready-file").arg(&ready);
-        cmd.args(["--listen", "127.0.0.1:15443", "--listen", "[::1]:15443"]);
+        cmd.args(["sidecar", "--cgroup"])
+            .arg(cg.path())
+            .arg("--ready-file")
+            .arg(&ready);
+        cmd.args([
+            "--listen",
+            "127.0.0.1:15443",
+            "--listen",
+            "[::1]:15443",
+            "--state-dir",
+        ])
+        .arg(dir.0.join("state"));
         Proxypilot::start(cmd, &ready, dir.0.join(format!("stderr-{n}")))
     };
 
     let mut first = sidecar("first");
-    assert_eq!(attached_programs(cg.path()).len(), 7, "{:?}", attached_programs(cg.path()));
+    assert_eq!(
+        attached_programs(cg.path()).len(),
+        7,
+        "{:?}",
+        attached_programs(cg.path())
+    );
     first.kill9();
 
     // Nobody listens, but the programs stay: refused, never the real server.
     let r = probe_one(cg.path(), &["tcp", DEST4, "443"]);
     assert_errno(&r, "ECONNREFUSED");
-    assert_errno(&probe_one(cg.path(), &["tcp", "203.0.113.30", "80"]), "EPERM");
+    assert_errno(
+        &probe_one(cg.path(), &["tcp", "203.0.113.30", "80"]),
+        "EPERM",
+    );
     assert_eq!(attached_programs(cg.path()).len(), 7);
 
     // A new sidecar takes the pinned programs over: still 7, not 14.
@@ -240,17 +333,27 @@ fn fails_closed_after_sigkill_then_takeover_and_detach() {
     assert_eq!(r["ok"], true, "connect reaches the new sidecar: {r}");
     assert!(r["reply"].get("real").is_none(), "{r}");
     wait_until("the second sidecar logged the original destination", || {
-        second.stderr().contains("dst=203.0.113.10:443")
+        second.stderr().contains("203.0.113.10:443")
     });
     drop(second);
 
-    let out = run_ok(Command::new(proxypilot_bin()).arg("detach").arg("--cgroup").arg(cg.path()));
+    let out = run_ok(
+        Command::new(proxypilot_bin())
+            .arg("detach")
+            .arg("--cgroup")
+            .arg(cg.path()),
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("detached"));
     assert_eq!(attached_programs(cg.path()), Vec::<String>::new());
     // With the programs gone the sandbox reaches the real server again.
     let r = probe_one(cg.path(), &["tcp", DEST4, "443"]);
     assert_eq!(r["reply"]["real"], real.to_string(), "{r}");
-    let out = run_ok(Command::new(proxypilot_bin()).arg("detach").arg("--cgroup").arg(cg.path()));
+    let out = run_ok(
+        Command::new(proxypilot_bin())
+            .arg("detach")
+            .arg("--cgroup")
+            .arg(cg.path()),
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing"));
 }
 
@@ -269,23 +372,38 @@ fn policy_updates_apply_while_running() {
         allowed: vec![],
         exempt_cgroup_id: cgroup::cgroup_id(&own).unwrap(),
     };
-    let addrs: Vec<SocketAddr> = vec![listeners.0.local_addr().unwrap(), listeners.1.local_addr().unwrap()];
+    let addrs: Vec<SocketAddr> = vec![
+        listeners.0.local_addr().unwrap(),
+        listeners.1.local_addr().unwrap(),
+    ];
     policy.set_listeners(&addrs).unwrap();
     let attachment = Arc::new(Attachment::attach(cg.path(), &policy).unwrap());
     let _echo = OriginEcho::serve(listeners, attachment.clone());
 
-    assert_errno(&probe_one(cg.path(), &["tcp", "203.0.113.20", "8080"]), "EPERM");
+    assert_errno(
+        &probe_one(cg.path(), &["tcp", "203.0.113.20", "8080"]),
+        "EPERM",
+    );
     policy.allowed = vec!["203.0.113.20:8080".parse().unwrap()];
     policy.intercept_ports = vec![443, 8443];
     attachment.set_policy(&policy).unwrap();
     let r = probe_one(cg.path(), &["tcp", "203.0.113.20", "8080"]);
     assert_eq!(r["reply"]["real"], real.to_string(), "{r}");
-    assert_redirected(&probe_one(cg.path(), &["tcp", "203.0.113.20", "8443"]), "203.0.113.20:8443");
+    assert_redirected(
+        &probe_one(cg.path(), &["tcp", "203.0.113.20", "8443"]),
+        "203.0.113.20:8443",
+    );
     policy.allowed.clear();
     policy.intercept_ports = vec![443];
     attachment.set_policy(&policy).unwrap();
-    assert_errno(&probe_one(cg.path(), &["tcp", "203.0.113.20", "8080"]), "EPERM");
-    assert_errno(&probe_one(cg.path(), &["tcp", "203.0.113.20", "8443"]), "EPERM");
+    assert_errno(
+        &probe_one(cg.path(), &["tcp", "203.0.113.20", "8080"]),
+        "EPERM",
+    );
+    assert_errno(
+        &probe_one(cg.path(), &["tcp", "203.0.113.20", "8443"]),
+        "EPERM",
+    );
 }
 
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {

@@ -70,7 +70,9 @@ impl NetNs {
 
 /// Runs a command and panics with its output unless it succeeds.
 pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -264,7 +266,9 @@ pub fn udp_sink(addr: &str) -> Arc<std::sync::Mutex<Vec<String>>> {
     thread::spawn(move || {
         let mut buf = [0u8; 2048];
         while let Ok((n, _)) = s.recv_from(&mut buf) {
-            g.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            g.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
     });
     got
@@ -282,8 +286,12 @@ impl Proxypilot {
     pub fn start(mut cmd: Command, ready_file: &Path, stderr_path: PathBuf) -> Proxypilot {
         let _ = fs::remove_file(ready_file);
         let stderr = fs::File::create(&stderr_path).unwrap();
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while !ready_file.exists() {
             if let Some(status) = child.try_wait().unwrap() {
@@ -292,7 +300,10 @@ impl Proxypilot {
                     fs::read_to_string(&stderr_path).unwrap_or_default()
                 );
             }
-            assert!(Instant::now() < deadline, "proxypilot did not get ready in 20s");
+            assert!(
+                Instant::now() < deadline,
+                "proxypilot did not get ready in 20s"
+            );
             thread::sleep(Duration::from_millis(20));
         }
         Proxypilot { child, stderr_path }
@@ -317,7 +328,12 @@ impl Drop for Proxypilot {
 /// The programs attached to `cgroup` as `bpftool cgroup show` lists them
 /// (attach type and program name per line).
 pub fn attached_programs(cgroup: &Path) -> Vec<String> {
-    let out = run_ok(Command::new("bpftool").arg("cgroup").arg("show").arg(cgroup));
+    let out = run_ok(
+        Command::new("bpftool")
+            .arg("cgroup")
+            .arg("show")
+            .arg(cgroup),
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -356,3 +372,8 @@ pub fn read_all(mut s: impl Read) -> String {
     let _ = s.read_to_string(&mut out);
     out
 }
+
+pub mod dns;
+pub mod sandbox;
+pub mod testca;
+pub mod upstream;

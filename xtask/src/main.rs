@@ -72,7 +72,10 @@ fn main() -> ExitCode {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -127,7 +130,14 @@ fn setup() -> Result<()> {
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if name.starts_with("requirements") && name.ends_with(".txt") {
             run(Command::new("python3")
-                .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"])
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--disable-pip-version-check",
+                    "-r",
+                ])
                 .arg(&path))?;
         }
     }
@@ -138,16 +148,25 @@ fn setup() -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     let root = workspace_root();
     // The end-to-end tests run the proxypilot binary.
-    run(Command::new("cargo").current_dir(&root).args(["build", "--bins"]))?;
-    run(Command::new("cargo").current_dir(&root).arg("test").args(args))
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "--bins"]))?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .arg("test")
+        .args(args))
 }
 
 fn bench(which: &str) -> Result<()> {
     let root = workspace_root();
     match which {
-        "kernel" => run(Command::new("cargo")
-            .current_dir(&root)
-            .args(["bench", "-p", "proxypilot-tests", "--bench", "kernel"])),
+        "kernel" => run(Command::new("cargo").current_dir(&root).args([
+            "bench",
+            "-p",
+            "proxypilot-tests",
+            "--bench",
+            "kernel",
+        ])),
         other => bail!("unknown benchmark `{other}`; available: kernel"),
     }
 }

@@ -39,7 +39,11 @@ pub struct KernelArgs {
 impl KernelArgs {
     /// The policy for these flags, exempting this process's own cgroup.
     /// `listeners` are the addresses actually bound (ports resolved).
-    pub fn policy(&self, listeners: &[SocketAddr], extra_allowed: &[AllowRule]) -> Result<KernelPolicy> {
+    pub fn policy(
+        &self,
+        listeners: &[SocketAddr],
+        extra_allowed: &[AllowRule],
+    ) -> Result<KernelPolicy> {
         let own_cgroup = cgroup::cgroup_of("self")?;
         let mut policy = KernelPolicy {
             intercept_ports: self.intercept_ports.clone(),
@@ -48,7 +52,9 @@ impl KernelArgs {
             allowed: self.allow_cidrs.clone(),
             exempt_cgroup_id: cgroup::cgroup_id(&own_cgroup)?,
         };
-        policy.allowed.extend(self.dns.iter().map(|ip| AllowRule::dns(*ip)));
+        policy
+            .allowed
+            .extend(self.dns.iter().map(|ip| AllowRule::dns(*ip)));
         policy.allowed.extend_from_slice(extra_allowed);
         policy.set_listeners(listeners)?;
         Ok(policy)

@@ -4,7 +4,10 @@
 pub mod detach;
 pub mod doctor;
 pub mod kernel_args;
+pub mod keygen;
+pub mod seal;
 pub mod sidecar;
+pub mod tokenizer;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -15,7 +18,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// terminates TLS with its own CA and injects the real credentials on the
 /// way out. Everything else the sandbox tries is denied unless allowed.
 #[derive(Parser, Debug)]
-#[command(name = "proxypilot", version, about, long_about, propagate_version = true)]
+#[command(
+    name = "proxypilot",
+    version,
+    about,
+    long_about,
+    propagate_version = true
+)]
 pub struct Cli {
     /// Log format for diagnostics and the audit log.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PROXYPILOT_LOG_FORMAT")]
@@ -37,6 +46,12 @@ pub enum Command {
     Sidecar(sidecar::SidecarArgs),
     /// Remove proxypilot's programs from a cgroup.
     Detach(detach::DetachArgs),
+    /// Run a standalone tokenizer (an HTTP proxy that injects sealed secrets).
+    Tokenizer(tokenizer::TokenizerArgs),
+    /// Seal a token for the tokenizer (reads the token from stdin).
+    Seal(seal::SealArgs),
+    /// Create a tokenizer key pair.
+    Keygen(keygen::KeygenArgs),
     /// Check that this host can run proxypilot, with a fix for each failure.
     Doctor,
 }

@@ -1,14 +1,13 @@
-//! `proxypilot sidecar`: attach to a sandbox cgroup and serve redirected
-//! connections until stopped.
+//! `proxypilot sidecar`: attach to a sandbox cgroup and serve its
+//! redirected connections until stopped.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tokio::net::TcpListener;
 
 use super::kernel_args::{CgroupArg, KernelArgs};
-use crate::kernel::{self, Attachment};
+use crate::{settings::RelayArgs, sidecar::Sidecar};
 
 #[derive(Args, Debug)]
 pub struct SidecarArgs {
@@ -18,30 +17,35 @@ pub struct SidecarArgs {
     #[command(flatten)]
     pub kernel: KernelArgs,
 
-    /// Write this file once the programs are attached and the listeners are
-    /// up; a sandbox container can wait for it before starting work.
+    #[command(flatten)]
+    pub relay: RelayArgs,
+
+    /// Write this file (containing proxypilot's pid) once the programs are
+    /// attached and every listener is up. A sandbox container waits for it
+    /// before it starts work: nothing it does before then is covered.
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,
 }
 
 pub async fn run(args: SidecarArgs) -> Result<ExitCode> {
-    let listeners = bind_all(&args.kernel.listen).await?;
-    let bound: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
-    let policy = args.kernel.policy(&bound, &[])?;
-    let attachment = Arc::new(Attachment::attach(&args.cgroup.cgroup, &policy)?);
-    spawn_kernel_watchers(&attachment, |denial| {
-        tracing::warn!(target: "denied", "{denial}");
-    });
-
-    for listener in listeners {
-        let attachment = attachment.clone();
-        tokio::spawn(async move { accept_and_log(listener, attachment).await });
-    }
+    // All configuration is validated before anything binds or attaches.
+    let settings = args.relay.resolve()?;
+    let embedded = crate::relay::embedded::from_settings(&settings)?;
+    let sidecar = Sidecar::start(
+        &args.cgroup.cgroup,
+        &args.kernel,
+        &settings,
+        embedded,
+        |denial| {
+            tracing::warn!(target: "denied", "{denial}");
+        },
+    )
+    .await?;
     if let Some(path) = &args.ready_file {
         std::fs::write(path, format!("{}\n", std::process::id()))
             .with_context(|| format!("writing ready file {}", path.display()))?;
     }
-    tracing::info!(listen = ?bound, "proxypilot sidecar ready");
+    tracing::info!("proxypilot sidecar ready");
 
     wait_for_shutdown().await;
     tracing::info!(
@@ -49,63 +53,8 @@ pub async fn run(args: SidecarArgs) -> Result<ExitCode> {
          (`proxypilot detach --cgroup {}` removes them)",
         args.cgroup.cgroup.display()
     );
+    drop(sidecar);
     Ok(ExitCode::SUCCESS)
-}
-
-/// Binds every listen address. An IPv6 address that cannot be bound (IPv6
-/// disabled) is skipped with a warning: IPv6 intercepts then fail closed.
-pub async fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>> {
-    let mut out = Vec::new();
-    for addr in addrs {
-        match TcpListener::bind(addr).await {
-            Ok(l) => out.push(l),
-            Err(e) if addr.is_ipv6() && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
-                tracing::warn!(%addr, "IPv6 is not available; intercepted IPv6 connects will be refused");
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("listening on {addr} (is another proxypilot running?)"))
-            }
-        }
-    }
-    anyhow::ensure!(!out.is_empty(), "no listener could be bound");
-    Ok(out)
-}
-
-/// Logs kernel denials through `on_denial` and forwards eBPF log records.
-pub fn spawn_kernel_watchers(attachment: &Attachment, on_denial: impl FnMut(kernel::denials::Denial) + Send + 'static) {
-    if let Some(ring) = attachment.take_denials() {
-        tokio::spawn(async move {
-            if let Err(e) = kernel::denials::watch(ring, on_denial).await {
-                tracing::warn!(error = %e, "stopped reading kernel denials");
-            }
-        });
-    }
-    if let Some(logger) = attachment.take_logger() {
-        tokio::spawn(async move {
-            let _ = kernel::denials::forward_logs(logger).await;
-        });
-    }
-}
-
-/// Until the TLS relay is wired in: log each redirected connection's
-/// original destination and close it.
-async fn accept_and_log(listener: TcpListener, attachment: Arc<Attachment>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let origin = attachment.original_destination(peer);
-                match origin {
-                    Some(o) => tracing::info!(%peer, dst = %o.addr, pid = o.pid, comm = %o.comm, "redirected connection"),
-                    None => tracing::warn!(%peer, "connection without a recorded destination; closing"),
-                }
-                drop(stream);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
 }
 
 async fn wait_for_shutdown() {

@@ -24,7 +24,8 @@ use super::{
 };
 
 /// The eBPF object built by build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxypilot-programs"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxypilot-programs"));
 
 /// Every program in the object, in the order they are attached.
 const SOCK_ADDR_PROGRAMS: [&str; 6] = [
@@ -125,7 +126,8 @@ impl Attachment {
             fresh.push((name, link));
         }
         let prog: &mut SockOps = program(&mut ebpf, SOCK_OPS_PROGRAM)?;
-        prog.load().map_err(|e| verifier_error(SOCK_OPS_PROGRAM, e))?;
+        prog.load()
+            .map_err(|e| verifier_error(SOCK_OPS_PROGRAM, e))?;
         let id = prog
             .attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(|e| attach_error(SOCK_OPS_PROGRAM, cgroup_path, e))?;
@@ -208,11 +210,10 @@ impl Attachment {
         self.logger.lock().expect("logger lock").take()
     }
 
-    /// Detaches the programs and removes their pins and maps.
-    pub fn detach(self) -> Result<()> {
-        let dir = self.pin_dir.clone();
-        drop(self);
-        bpffs::remove_pins(&dir)?;
+    /// Detaches the programs and removes their pins and maps. The links
+    /// are held only by their pins, so unpinning detaches at once.
+    pub fn detach(&self) -> Result<()> {
+        bpffs::remove_pins(&self.pin_dir)?;
         Ok(())
     }
 }
@@ -245,7 +246,9 @@ impl PolicyMaps {
                 .map_or([0; 4], |a| words_from_ip((*a.ip()).into())),
             exempt_cgroup_id: policy.exempt_cgroup_id,
         };
-        self.config.set(0, config, 0).context("writing the CONFIG map")?;
+        self.config
+            .set(0, config, 0)
+            .context("writing the CONFIG map")?;
 
         let ports: HashSet<u16> = policy.intercept_ports.iter().copied().collect();
         for port in &ports {
@@ -362,10 +365,15 @@ pub fn trial_load() -> Result<usize> {
     if bpffs::is_bpffs(Path::new(bpffs::BPFFS)) {
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     } else {
-        bail!("bpffs is not mounted at {}; the maps are pinned there", bpffs::BPFFS);
+        bail!(
+            "bpffs is not mounted at {}; the maps are pinned there",
+            bpffs::BPFFS
+        );
     }
     let result = (|| {
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dir).load(EBPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(EBPF_OBJECT)?;
         for name in SOCK_ADDR_PROGRAMS {
             program::<CgroupSockAddr>(&mut ebpf, name)?
                 .load()

@@ -24,7 +24,14 @@ pub fn ensure_mounted() -> Result<()> {
         return Ok(());
     }
     fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
-    mount(Some("bpf"), BPFFS, Some("bpf"), MsFlags::empty(), None::<&str>).with_context(|| {
+    mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .with_context(|| {
         format!(
             "mounting bpffs at {BPFFS} (needed to pin the programs so they outlive \
              proxypilot); run as root with CAP_SYS_ADMIN, or mount it yourself: \
@@ -41,7 +48,9 @@ pub fn is_bpffs(path: &Path) -> bool {
 
 /// The directory holding one sandbox cgroup's pinned links and maps.
 pub fn pin_dir(cgroup_id: u64) -> PathBuf {
-    Path::new(BPFFS).join("proxypilot").join(format!("cgroup-{cgroup_id}"))
+    Path::new(BPFFS)
+        .join("proxypilot")
+        .join(format!("cgroup-{cgroup_id}"))
 }
 
 /// Removes a pin directory and everything pinned in it. Unpinning a link

@@ -118,8 +118,7 @@ impl OwnedCgroup {
     /// Creates `parent/name`.
     pub fn create(parent: &Path, name: &str) -> Result<Self> {
         let path = parent.join(name);
-        fs::create_dir(&path)
-            .with_context(|| format!("creating cgroup {}", path.display()))?;
+        fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(OwnedCgroup { path })
     }
 
@@ -195,6 +194,9 @@ mod tests {
             find_cgroup2_mount(text),
             Some(PathBuf::from("/sys/fs/my cgroup"))
         );
-        assert_eq!(find_cgroup2_mount("1 2 3:4 / / rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(
+            find_cgroup2_mount("1 2 3:4 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
     }
 }

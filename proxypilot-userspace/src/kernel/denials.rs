@@ -32,7 +32,9 @@ impl From<&DenyEvent> for Denial {
         let reason = match e.reason {
             deny_reason::NOT_ALLOWED => "not on the allow list",
             deny_reason::QUIC => "UDP 443 (QUIC) is always denied so clients use TCP",
-            deny_reason::NO_LISTENER => "intercepted port, but the proxy has no listener for this address family",
+            deny_reason::NO_LISTENER => {
+                "intercepted port, but the proxy has no listener for this address family"
+            }
             deny_reason::PROTOCOL => "only TCP and UDP are handled",
             deny_reason::MAP_FULL => "the connection could not be recorded",
             _ => "denied",
@@ -72,7 +74,10 @@ fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
 }
 
 /// Reads denials until the ring buffer fails, calling `on_denial` for each.
-pub async fn watch(ring: RingBuf<MapData>, mut on_denial: impl FnMut(Denial)) -> std::io::Result<()> {
+pub async fn watch(
+    ring: RingBuf<MapData>,
+    mut on_denial: impl FnMut(Denial),
+) -> std::io::Result<()> {
     let mut fd = readable(ring)?;
     loop {
         let mut guard = fd.readable_mut().await?;

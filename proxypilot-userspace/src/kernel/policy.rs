@@ -91,7 +91,10 @@ impl FromStr for AllowRule {
             let (inner, after) = rest.split_once(']').ok_or_else(|| err("missing `]`"))?;
             let port = match after {
                 "" => None,
-                p => Some(p.strip_prefix(':').ok_or_else(|| err("expected `:PORT` after `]`"))?),
+                p => Some(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| err("expected `:PORT` after `]`"))?,
+                ),
             };
             (inner, port)
         } else if s.matches(':').count() == 1 {
@@ -168,11 +171,20 @@ mod tests {
         let r: AllowRule = "10.0.0.0/8".parse().unwrap();
         assert_eq!((r.net.to_string().as_str(), r.port), ("10.0.0.0/8", None));
         let r: AllowRule = "10.1.2.3:5432".parse().unwrap();
-        assert_eq!((r.net.to_string().as_str(), r.port), ("10.1.2.3/32", Some(5432)));
+        assert_eq!(
+            (r.net.to_string().as_str(), r.port),
+            ("10.1.2.3/32", Some(5432))
+        );
         let r: AllowRule = "2001:db8::/32".parse().unwrap();
-        assert_eq!((r.net.to_string().as_str(), r.port), ("2001:db8::/32", None));
+        assert_eq!(
+            (r.net.to_string().as_str(), r.port),
+            ("2001:db8::/32", None)
+        );
         let r: AllowRule = "[2001:db8::/32]:443".parse().unwrap();
-        assert_eq!((r.net.to_string().as_str(), r.port), ("2001:db8::/32", Some(443)));
+        assert_eq!(
+            (r.net.to_string().as_str(), r.port),
+            ("2001:db8::/32", Some(443))
+        );
         let r: AllowRule = "::1".parse().unwrap();
         assert_eq!((r.net.to_string().as_str(), r.port), ("::1/128", None));
         // Host bits are dropped so the trie key is the network.
@@ -183,7 +195,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_values_with_a_hint() {
-        for bad in ["", "example.com", "10.0.0.0/33", "1.2.3.4:0", "1.2.3.4:x", "[::1", "[::1]443"] {
+        for bad in [
+            "",
+            "example.com",
+            "10.0.0.0/33",
+            "1.2.3.4:0",
+            "1.2.3.4:x",
+            "[::1",
+            "[::1]443",
+        ] {
             let e = bad.parse::<AllowRule>().unwrap_err().to_string();
             assert!(e.contains("CIDR[:PORT]"), "{bad}: {e}");
         }
@@ -191,7 +211,10 @@ mod tests {
 
     #[test]
     fn trie_keys_map_ipv4_under_ffff() {
-        let (bits, t) = "203.0.113.0/24:443".parse::<AllowRule>().unwrap().trie_key();
+        let (bits, t) = "203.0.113.0/24:443"
+            .parse::<AllowRule>()
+            .unwrap()
+            .trie_key();
         assert_eq!(bits, 32 + 96 + 24);
         assert_eq!(t.port, 443u16.to_be_bytes());
         assert_eq!(t.addr, words_from_ip("203.0.113.0".parse().unwrap()));

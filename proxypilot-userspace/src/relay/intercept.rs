@@ -28,7 +28,7 @@ pub(crate) struct ConnCtx {
     pub relay: Arc<Relay>,
     pub sni: String,
     pub secret_name: String,
-    pub sealed: HeaderValue,
+    pub credential: Arc<super::credentials::Credential>,
     pub origin: Option<OriginalDestination>,
     /// The port the client dialled (443 unless another port is intercepted).
     pub port: u16,
@@ -126,10 +126,9 @@ async fn relay_request(
     let host =
         HeaderValue::from_str(&authority).map_err(|e| RelayError::BadRequest(e.to_string()))?;
     headers.insert(header::HOST, host);
-    headers.insert(
-        HeaderName::from_static("proxy-tokenizer"),
-        ctx.sealed.clone(),
-    );
+    for value in ctx.credential.tokenizer_headers(&parts.headers) {
+        headers.append(HeaderName::from_static("proxy-tokenizer"), value);
+    }
     if let Some(auth) = &ctx.relay.proxy_authorization {
         headers.insert(header::PROXY_AUTHORIZATION, auth.clone());
     }

@@ -6,6 +6,8 @@
 //! listener the kernel redirects to.
 
 pub mod body;
+pub mod credentials;
+pub mod embedded;
 pub mod errors;
 pub mod forward;
 mod intercept;
@@ -30,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 pub use errors::{error_response, ForwardError, RelayError};
 pub use forward::{Forward, Forwarder, RemoteTokenizer};
 
+use self::credentials::Credential;
 use crate::kernel::origin::OriginalDestination;
 use crate::policy::{HostPattern, Policy, PolicySummary, Verdict};
 use crate::settings::Target;
@@ -94,8 +97,8 @@ pub struct RelayConfig {
 /// The relay's shared state: one per sidecar, shared by all connections.
 pub struct Relay {
     policy: Policy,
-    /// Intercepted host → sealed secret, as a sensitive header value.
-    sealed: BTreeMap<String, HeaderValue>,
+    /// Intercepted host → its sealed secret and credential slots.
+    credentials: BTreeMap<String, Arc<Credential>>,
     leaves: LeafCache,
     tls_base: Arc<rustls::ServerConfig>,
     forwarder: Forwarder,
@@ -112,16 +115,15 @@ impl Relay {
             allow_cidrs: cfg.allow_cidrs,
             ..Policy::default()
         };
-        let mut sealed = BTreeMap::new();
+        let mut credentials = BTreeMap::new();
         for t in &cfg.targets {
-            let mut v = HeaderValue::from_str(t.sealed.expose()).with_context(|| {
+            let v = HeaderValue::from_str(t.sealed.expose()).with_context(|| {
                 format!(
                     "the sealed secret for {} (from {}) is not a valid header value",
                     t.host, t.secret_name
                 )
             })?;
-            v.set_sensitive(true);
-            sealed.insert(t.host.clone(), v);
+            credentials.insert(t.host.clone(), Credential::new(v, t.slots.clone()));
             policy
                 .intercept
                 .insert(t.host.clone(), t.secret_name.clone());
@@ -164,7 +166,7 @@ impl Relay {
             .keep_alive_interval(Some(Duration::from_secs(30)));
         Ok(Relay {
             policy,
-            sealed,
+            credentials,
             leaves: LeafCache::new(cfg.ca, cfg.leaf_lifetime, cfg.leaf_capacity),
             tls_base: Arc::new(tls),
             forwarder: cfg.forwarder,
@@ -275,7 +277,7 @@ impl Relay {
             }
             Ok(Ok(t)) => t,
         };
-        let Some(sealed) = self.sealed.get(&host).cloned() else {
+        let Some(credential) = self.credentials.get(&host).cloned() else {
             return; // unreachable: the policy only intercepts hosts with a secret
         };
         let port = origin.as_ref().map_or(443, |o| o.addr.port());
@@ -283,7 +285,7 @@ impl Relay {
             relay: self.clone(),
             sni: host,
             secret_name: secret,
-            sealed,
+            credential,
             origin,
             port,
             active: Arc::new(AtomicUsize::new(0)),

@@ -27,4 +27,4 @@ pub use flysrc::FlySrcVerifier;
 pub use keys::{OpenKey, SealKey};
 pub use seal::{open, seal};
 pub use secret::Secret;
-pub use server::{serve, ServerConfig};
+pub use server::{forward_request, serve, ServerConfig};

@@ -81,7 +81,7 @@ async fn handle(
         uri.authority().map(|a| a.to_string()).unwrap_or_default(),
         uri.path().to_string(),
     );
-    match forward(cfg, req).await {
+    match forward_request(cfg, req).await {
         Ok((resp, secrets)) => {
             tracing::info!(%peer, %method, %host, %path, secrets, status = resp.status().as_u16(),
                 dur_ms = start.elapsed().as_millis() as u64, "proxied");
@@ -96,10 +96,18 @@ async fn handle(
     }
 }
 
-async fn forward(
+/// Handle one proxy request as the standalone server does, without the
+/// server: this is the embedded front door (the relay hands it the same
+/// absolute-form request it would send a remote tokenizer). Returns the
+/// upstream's response, streamed, and how many secrets were applied.
+pub async fn forward_request<B>(
     cfg: &ServerConfig,
-    req: Request<Incoming>,
-) -> Result<(Response<ProxyBody>, usize), TokenizerError> {
+    req: Request<B>,
+) -> Result<(Response<ProxyBody>, usize), TokenizerError>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<super::body::BoxError>,
+{
     let (mut parts, body) = req.into_parts();
     let bad = |m: &str| TokenizerError::BadProxyRequest(m.to_string());
     if parts.method == Method::CONNECT {

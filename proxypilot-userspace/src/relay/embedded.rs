@@ -1,0 +1,70 @@
+//! The embedded tokenizer: the engine in-process, so an intercepted request
+//! costs no extra hop. It receives exactly what a remote tokenizer would
+//! (an absolute-form request with `Proxy-Tokenizer`) and answers with the
+//! upstream's response.
+
+use std::sync::Arc;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+
+use super::{errors::ForwardError, forward::BoxFuture, Forward, RelayBody};
+use crate::{
+    settings::{RelaySettings, TokenizerMode},
+    tokenizer::{server, Engine, UpstreamClient, UpstreamClientConfig},
+};
+
+/// The engine plus its pooled HTTPS client to the upstream APIs.
+pub struct EmbeddedTokenizer {
+    config: server::ServerConfig,
+}
+
+impl EmbeddedTokenizer {
+    /// `upstream` trusts the system roots plus `upstream_ca` files, never
+    /// the sandbox's trust store.
+    pub fn new(engine: Engine, upstream: &UpstreamClientConfig) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(EmbeddedTokenizer {
+            config: server::ServerConfig {
+                engine: Arc::new(engine),
+                client: UpstreamClient::new(upstream)?,
+                open_proxy: false,
+            },
+        }))
+    }
+}
+
+impl Forward for EmbeddedTokenizer {
+    fn forward(
+        &self,
+        req: Request<RelayBody>,
+    ) -> BoxFuture<Result<Response<RelayBody>, ForwardError>> {
+        let config = self.config.clone();
+        Box::pin(async move {
+            match server::forward_request(&config, req).await {
+                Ok((resp, _secrets)) => Ok(resp.map(|b| b.boxed_unsync())),
+                Err(e) => Err(ForwardError::Engine {
+                    status: e.status(),
+                    message: e.to_string(),
+                }),
+            }
+        })
+    }
+}
+
+/// The embedded forwarder for `--tokenizer embedded`, or `None` for a
+/// remote tokenizer.
+pub fn from_settings(settings: &RelaySettings) -> anyhow::Result<Option<Arc<dyn Forward>>> {
+    let TokenizerMode::Embedded {
+        open_key_file,
+        upstream_ca,
+    } = &settings.tokenizer
+    else {
+        return Ok(None);
+    };
+    let engine = Engine::from_file(open_key_file)?;
+    let upstream = UpstreamClientConfig {
+        extra_ca_files: upstream_ca.clone(),
+        ..Default::default()
+    };
+    Ok(Some(EmbeddedTokenizer::new(engine, &upstream)?))
+}

@@ -1,0 +1,3 @@
+//! `proxypilot run`: sandbox one command (see `cli::run`).
+
+pub mod secrets;
