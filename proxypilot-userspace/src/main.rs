@@ -6,7 +6,9 @@ use tracing_subscriber::{fmt, EnvFilter};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // `run` shares the terminal with the command: only warnings by default.
+    let quiet = matches!(cli.command, proxypilot::cli::Command::Run(_));
+    init_tracing(cli.log_format, if quiet { "warn" } else { "info" });
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -20,6 +22,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     use proxypilot::cli::*;
     match cli.command {
+        Command::Run(args) => runtime()?.block_on(run::run(args)),
         Command::Doctor => doctor::run(),
         Command::Detach(args) => detach::run(args),
         Command::Sidecar(args) => runtime()?.block_on(sidecar::run(args)),
@@ -35,9 +38,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default_level: &str) {
     let filter =
-        EnvFilter::try_from_env("PROXYPILOT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+        EnvFilter::try_from_env("PROXYPILOT_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     // `init` also bridges the `log` crate, through which eBPF log records arrive.
     use std::io::IsTerminal;
     let builder = fmt()

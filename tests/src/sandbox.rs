@@ -131,7 +131,7 @@ impl SandboxCommand {
     pub fn command(&self) -> Command {
         let mut script = String::from("set -e\n");
         let mut values: Vec<OsString> = Vec::new();
-        let mut param = |values: &mut Vec<OsString>, v: OsString| {
+        let param = |values: &mut Vec<OsString>, v: OsString| {
             values.push(v);
             format!("${{{}}}", values.len())
         };

@@ -5,6 +5,7 @@ pub mod detach;
 pub mod doctor;
 pub mod kernel_args;
 pub mod keygen;
+pub mod run;
 pub mod seal;
 pub mod sidecar;
 pub mod tokenizer;
@@ -42,6 +43,8 @@ pub enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run a command in a new sandbox: dummy keys inside, real keys injected.
+    Run(run::RunArgs),
     /// Attach to a sandbox cgroup and serve its redirected connections.
     Sidecar(sidecar::SidecarArgs),
     /// Remove proxypilot's programs from a cgroup.

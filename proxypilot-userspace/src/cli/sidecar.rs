@@ -25,12 +25,30 @@ pub struct SidecarArgs {
     /// before it starts work: nothing it does before then is covered.
     #[arg(long, value_name = "PATH")]
     pub ready_file: Option<PathBuf>,
+
+    /// Validate the flags, the config file and the secrets' variables, then
+    /// exit without attaching anything (0 when all is well).
+    #[arg(long)]
+    pub check: bool,
 }
 
 pub async fn run(args: SidecarArgs) -> Result<ExitCode> {
     // All configuration is validated before anything binds or attaches.
     let settings = args.relay.resolve()?;
     let embedded = crate::relay::embedded::from_settings(&settings)?;
+    if args.check {
+        crate::kernel::cgroup::ensure_cgroup2_dir(&args.cgroup.cgroup)?;
+        println!(
+            "configuration is valid: {} intercepted host(s), {} pass-through pattern(s), tokenizer: {}",
+            settings.targets.len(),
+            settings.allow.len(),
+            match &settings.tokenizer {
+                crate::settings::TokenizerMode::Remote { url } => url.to_string(),
+                crate::settings::TokenizerMode::Embedded { .. } => "embedded".to_string(),
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let sidecar = Sidecar::start(
         &args.cgroup.cgroup,
         &args.kernel,

@@ -1,0 +1,126 @@
+//! `proxypilot run`: sandbox one command.
+
+use std::{ffi::OsString, net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Result;
+use clap::Args;
+
+use super::kernel_args::KernelArgs;
+use crate::{
+    kernel::AllowRule,
+    run::{self, secrets::SecretSpec, RunOptions},
+    settings::RelayArgs,
+};
+
+/// Run CMD with its HTTPS calls to the secrets' hosts carrying the real
+/// keys, while CMD itself only ever sees dummies. Everything else CMD tries
+/// on the network is denied in the kernel unless allowed.
+///
+/// Example:
+///   ANTHROPIC_API_KEY=sk-ant-... proxypilot run --secret ANTHROPIC_API_KEY -- python3 agent.py
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Exit status: CMD's own (128+N when a signal N killed it); 1 when proxypilot itself fails."
+)]
+pub struct RunArgs {
+    /// A secret to keep out of CMD: VAR for a preset (ANTHROPIC_API_KEY,
+    /// OPENAI_API_KEY, GH_TOKEN, GITHUB_TOKEN) or VAR=HOST[:HEADER[:FORMAT]].
+    /// CMD sees VAR=dummy; requests to HOST carry the real value. Repeatable.
+    #[arg(long = "secret", value_name = "SPEC")]
+    pub secrets: Vec<SecretSpec>,
+
+    /// HTTPS host CMD may reach untouched (exact name, or *.suffix). Repeatable.
+    #[arg(long = "allow", value_name = "HOST")]
+    pub allow: Vec<String>,
+
+    /// Destination CMD may reach directly over TCP, as CIDR[:PORT]. Repeatable.
+    #[arg(long = "allow-cidr", value_name = "CIDR[:PORT]")]
+    pub allow_cidrs: Vec<AllowRule>,
+
+    /// DNS server CMD may query [default: the nameservers of /etc/resolv.conf].
+    #[arg(long = "dns", value_name = "ADDR")]
+    pub dns: Vec<std::net::IpAddr>,
+
+    /// TCP destination port whose connections are intercepted (repeatable).
+    #[arg(long = "intercept-port", value_name = "PORT", default_values_t = [443u16])]
+    pub intercept_ports: Vec<u16>,
+
+    /// Extra CA (PEM) trusted for the upstream APIs, on top of the system
+    /// roots (never CMD's trust store). Repeatable.
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_ca: Vec<PathBuf>,
+
+    /// Use this remote tokenizer with pre-sealed secrets (--target) instead
+    /// of the embedded one.
+    #[arg(long, value_name = "URL", requires = "targets")]
+    pub tokenizer: Option<String>,
+
+    /// With --tokenizer: HOST's sealed secret is in ENVVAR. Repeatable.
+    #[arg(long = "target", value_name = "HOST=ENVVAR", requires = "tokenizer")]
+    pub targets: Vec<String>,
+
+    /// With --tokenizer: environment variable holding the tokenizer's
+    /// Proxy-Authorization bearer token.
+    #[arg(long, value_name = "VAR", requires = "tokenizer")]
+    pub tokenizer_auth_env: Option<String>,
+
+    /// Run CMD as this user (it then cannot read proxypilot's environment,
+    /// memory or key files).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+pub async fn run(args: RunArgs) -> Result<ExitCode> {
+    if args.secrets.is_empty() && args.targets.is_empty() {
+        tracing::warn!("no --secret given: CMD runs sandboxed, but no key is injected");
+    }
+    if args.tokenizer.is_some() && !args.upstream_ca.is_empty() {
+        anyhow::bail!("--upstream-ca only applies to the embedded tokenizer; a remote tokenizer has its own trust");
+    }
+    let dns = if args.dns.is_empty() {
+        resolv_conf_nameservers()
+    } else {
+        args.dns.clone()
+    };
+    let kernel = KernelArgs {
+        // Ephemeral ports, so several runs can share a host.
+        listen: vec![
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)),
+        ],
+        intercept_ports: args.intercept_ports.clone(),
+        allow_cidrs: args.allow_cidrs.clone(),
+        dns,
+    };
+    let remote = args.tokenizer.as_ref().map(|url| RelayArgs {
+        targets: args.targets.clone(),
+        tokenizer: Some(url.clone()),
+        tokenizer_auth_env: args.tokenizer_auth_env.clone(),
+        info_port: Some(crate::settings::DEFAULT_INFO_PORT),
+        ..Default::default()
+    });
+    run::run(RunOptions {
+        secrets: args.secrets,
+        remote,
+        allow: args.allow,
+        kernel,
+        upstream_ca: args.upstream_ca,
+        user: args.user,
+        command: args.command,
+    })
+    .await
+}
+
+/// The resolvers CMD would use: `nameserver` lines of /etc/resolv.conf.
+fn resolv_conf_nameservers() -> Vec<std::net::IpAddr> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|ip| ip.trim().split('%').next()?.parse().ok())
+        .collect()
+}
