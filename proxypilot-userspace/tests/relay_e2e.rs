@@ -404,6 +404,7 @@ async fn env(opts: Opts) -> Env {
                 host: HOST.into(),
                 secret_name: SECRET_NAME.into(),
                 sealed: SecretString::new(SEALED.into()),
+                slots: vec![],
             }],
             allow: vec![proxypilot::policy::HostPattern::parse("localhost").unwrap()],
             allow_cidrs: opts.allow_cidrs,

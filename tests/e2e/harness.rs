@@ -7,55 +7,39 @@ use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
-    path::PathBuf,
     process::{Command, Output, Stdio},
     time::Duration,
 };
 
 use proxypilot_tests::{
-    dns::{self, StubDns},
-    sandbox::{write_resolv_conf, SandboxCommand},
-    upstream::{self, FakeApis, Gate, RealKeys, ANTHROPIC, DNS_IP, GITHUB, OPENAI, REPLY_TEXT},
+    dns,
+    sandbox::SandboxCommand,
+    upstream::{self, FakeInternet, Gate, RealKeys, ANTHROPIC, DNS_IP, GITHUB, OPENAI, REPLY_TEXT},
     *,
 };
 use serde_json::{json, Value};
 
-/// A namespace with the standard fake APIs and the stub DNS, and a
-/// resolv.conf pointing at it.
-struct World {
-    apis: FakeApis,
-    dns: StubDns,
-    dir: TempDir,
-    resolv: PathBuf,
-    _ns: NetNs,
+/// The standard fake APIs plus `v4only.test` (an A record only, for the
+/// empty-AAAA case).
+fn world() -> FakeInternet {
+    let w = FakeInternet::start();
+    w.dns
+        .set("v4only.test", vec!["203.0.113.99".parse().unwrap()]);
+    w
 }
 
-fn world() -> World {
-    let hosts = upstream::standard_hosts();
-    let addrs = upstream::netns_addrs(&hosts);
-    let ns = NetNs::enter_new(&addrs.iter().map(String::as_str).collect::<Vec<_>>());
-    let apis = FakeApis::start(RealKeys::default(), hosts);
-    let mut records = apis.dns_records();
-    // A name with an IPv4 address only, for the empty-AAAA case.
-    records.insert("v4only.test".into(), vec!["203.0.113.99".parse().unwrap()]);
-    let dns = StubDns::start(SocketAddr::new(DNS_IP.parse().unwrap(), 53), records);
-    let dir = TempDir::new("harness");
-    let resolv = write_resolv_conf(&dir.0, DNS_IP.parse().unwrap());
-    World {
-        apis,
-        dns,
-        dir,
-        resolv,
-        _ns: ns,
-    }
+/// Test-only conveniences on top of the harness.
+trait WorldExt {
+    fn cmd(&self, program: &str) -> SandboxCommand;
+    fn curl(&self, args: &[&str]) -> (u16, String);
+    fn curl_json(&self, args: &[&str]) -> (u16, Value);
+    fn keys(&self) -> &RealKeys;
 }
 
-impl World {
+impl WorldExt for FakeInternet {
     /// A sandboxed command (no cgroup) that resolves through the stub DNS.
     fn cmd(&self, program: &str) -> SandboxCommand {
-        SandboxCommand::new(program)
-            .resolv_conf(&self.resolv)
-            .env("HOME", &self.dir.0)
+        self.command(program)
     }
 
     /// curl trusting the test CA; returns (status, body).
@@ -599,7 +583,7 @@ fn github_user_accepts_token_and_bearer() {
 
 /// gh with GH_TOKEN, trusting the test CA through SSL_CERT_FILE (Go reads it
 /// on Linux).
-fn gh(w: &World, token: &str, args: &[&str]) -> Output {
+fn gh(w: &FakeInternet, token: &str, args: &[&str]) -> Output {
     let cfg = w.dir.0.join("gh-config");
     fs::create_dir_all(&cfg).unwrap();
     run(w
@@ -655,16 +639,9 @@ fn gh_api_user_and_auth_status_work_against_the_fake() {
         .map(|r| format!("{} {} {}", r.method, r.path, r.status))
         .collect();
     eprintln!("gh requested: {seen:?}");
-    for r in w.apis.requests_to(GITHUB) {
-        eprintln!(
-            "DEBUG {} {} {:?} {}",
-            r.method,
-            r.path,
-            r.headers,
-            String::from_utf8_lossy(&r.body)
-        );
-    }
-    eprintln!("DEBUG status: {all}");
+    // gh 2.23: `api user` → GET /user; `auth status` → GET / (scopes from
+    // X-OAuth-Scopes) and POST /graphql `query UserCurrent{viewer{login}}`.
+    assert!(seen.iter().any(|s| s.starts_with("GET /user ")), "{seen:?}");
     let log = w.apis.requests_to(GITHUB);
     assert!(log.iter().all(|r| r.status == 200), "{seen:?}");
     for r in &log {
@@ -706,6 +683,14 @@ fn generic_endpoints_echo_stream_and_count() {
     assert_eq!(v["headers"]["x-probe"], "1");
     let (_, v) = w.curl_json(&["--http1.1", &format!("{base}/echo")]);
     assert_eq!(v["version"], "HTTP/1.1");
+
+    // Each fake listens on its IPv4 and its IPv6 address.
+    for (flag, want) in [("-4", "203.0.113.12:443"), ("-6", "[2001:db8::12]:443")] {
+        let (code, _) = w.curl(&[flag, &format!("{base}/echo")]);
+        assert_eq!(code, 200);
+        let last = w.apis.requests_to(OPENAI).pop().unwrap();
+        assert_eq!(last.local.to_string(), want);
+    }
 
     // Upload: 3 MB chunked; the server reports length and digest.
     let upload = w.dir.0.join("upload.bin");
@@ -767,6 +752,8 @@ fn generic_endpoints_echo_stream_and_count() {
         paths,
         [
             "/echo?a=b",
+            "/echo",
+            "/echo",
             "/echo",
             "/echo-body",
             "/bytes?n=5000001",

@@ -44,7 +44,12 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
-use crate::{dns::Records, testca::TestCa, TempDir};
+use crate::{
+    dns::{Records, StubDns},
+    sandbox::{write_resolv_conf, SandboxCommand},
+    testca::TestCa,
+    NetNs, TempDir,
+};
 
 pub const ANTHROPIC: &str = "api.anthropic.com";
 pub const OPENAI: &str = "api.openai.com";
@@ -234,7 +239,7 @@ impl Gate {
         self.permits.add_permits(1 << 24);
     }
 
-    /// Events handed to the connection so far.
+    /// Events released to the connection so far.
     pub fn sent(&self) -> usize {
         self.sent.load(Ordering::SeqCst)
     }
@@ -1011,11 +1016,13 @@ fn stream_events_with(
             if i > 0 && !gap.is_zero() {
                 tokio::time::sleep(gap).await;
             }
-            if tx.send(ev).await.is_err() {
-                return;
-            }
+            // Counted before the send, so a client that has event N can
+            // never observe `sent() < N`.
             if let Some(g) = &gate {
                 g.sent.fetch_add(1, Ordering::SeqCst);
+            }
+            if tx.send(ev).await.is_err() {
+                return;
             }
         }
     });
@@ -1094,4 +1101,54 @@ fn parse_query(q: &str) -> HashMap<String, String> {
         .filter(|(k, _)| !k.is_empty())
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
+}
+
+/// The usual setup of an end-to-end test: a fresh network namespace (the
+/// calling thread enters it), the fake APIs on their addresses, the stub DNS
+/// on [`DNS_IP`]:53 serving their names, and a resolv.conf naming it.
+pub struct FakeInternet {
+    pub apis: FakeApis,
+    pub dns: StubDns,
+    /// Scratch directory (holds `resolv.conf`); removed on drop.
+    pub dir: TempDir,
+    pub resolv_conf: PathBuf,
+    _ns: NetNs,
+}
+
+impl FakeInternet {
+    /// [`standard_hosts`] with [`RealKeys::default`].
+    pub fn start() -> FakeInternet {
+        FakeInternet::start_with(RealKeys::default(), standard_hosts(), &[])
+    }
+
+    /// `extra_addrs` are further `lo` addresses for the namespace (e.g. a
+    /// tokenizer's or a pass-through host's), as [`NetNs::enter_new`] takes them.
+    pub fn start_with(keys: RealKeys, hosts: Vec<HostSpec>, extra_addrs: &[&str]) -> FakeInternet {
+        let mut addrs = netns_addrs(&hosts);
+        addrs.extend(extra_addrs.iter().map(|a| a.to_string()));
+        let ns = NetNs::enter_new(&addrs.iter().map(String::as_str).collect::<Vec<_>>());
+        let apis = FakeApis::start(keys, hosts);
+        let dns = StubDns::start(
+            SocketAddr::new(DNS_IP.parse().unwrap(), 53),
+            apis.dns_records(),
+        );
+        let dir = TempDir::new("fakenet");
+        let resolv_conf = write_resolv_conf(&dir.0, DNS_IP.parse().unwrap());
+        FakeInternet {
+            apis,
+            dns,
+            dir,
+            resolv_conf,
+            _ns: ns,
+        }
+    }
+
+    /// A command that resolves through the stub DNS, with `HOME` set to the
+    /// scratch directory and otherwise only `PATH` (add a cgroup, a user and
+    /// the sandbox's env as needed).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> SandboxCommand {
+        SandboxCommand::new(program)
+            .resolv_conf(&self.resolv_conf)
+            .env("HOME", &self.dir.0)
+    }
 }
