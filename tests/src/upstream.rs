@@ -532,8 +532,8 @@ fn anthropic(
             "x-api-key header is required",
         );
     }
-    let ok_x = x_api_key.map_or(true, |v| v == key.as_str());
-    let ok_auth = authz.map_or(true, |v| bearer(v) == Some(key.as_str()));
+    let ok_x = x_api_key.is_none_or(|v| v == key.as_str());
+    let ok_auth = authz.is_none_or(|v| bearer(v) == Some(key.as_str()));
     if !(ok_x && ok_auth) {
         return err(
             StatusCode::UNAUTHORIZED,
