@@ -51,6 +51,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "curl",
     "openssl",
+    "gh",
+    "util-linux",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
