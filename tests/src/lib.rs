@@ -374,5 +374,6 @@ pub fn read_all(mut s: impl Read) -> String {
 
 pub mod dns;
 pub mod sandbox;
+pub mod shapes;
 pub mod testca;
 pub mod upstream;

@@ -154,6 +154,11 @@ where
 
     strip_hop_by_hop(&mut parts.headers);
     let applied = cfg.engine.apply(&mut parts)?;
+    // Fly-Src attestation is for this hop (the tokenizer); the upstream API
+    // has no use for it.
+    for name in ["fly-src-optin", "fly-src", "fly-src-signature"] {
+        parts.headers.remove(name);
+    }
     if applied.secrets == 0 && !cfg.open_proxy {
         return Err(TokenizerError::NoSecret);
     }

@@ -1,0 +1,274 @@
+//! The two ways proxypilot is deployed, set up for tests inside a
+//! [`FakeInternet`]:
+//!
+//! - the Fly shape ([`FlyShape`]): a sandbox cgroup made separately,
+//!   `proxypilot sidecar` attached to it with sealed secrets, and either the
+//!   standalone `proxypilot tokenizer` (remote) or the embedded engine;
+//! - the local shape: `proxypilot run` (see [`local_run`]).
+//!
+//! Both run every client command the same way, so scenarios are written
+//! once and run in both shapes.
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    proxypilot_bin, run_ok,
+    sandbox::SandboxCommand,
+    upstream::{FakeInternet, ANTHROPIC, DNS_IP, GITHUB, OPENAI},
+    Proxypilot, TestCgroup,
+};
+
+/// Where the sidecar relays intercepted requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tokenizer {
+    /// `proxypilot tokenizer` on loopback, as Fly's tokenizer would be.
+    Remote,
+    /// The engine inside the sidecar.
+    Embedded,
+}
+
+/// The port the standalone tokenizer listens on (loopback, in the test's
+/// network namespace).
+pub const TOKENIZER_PORT: u16 = 18080;
+
+/// How each API's key is sealed: the hosts' credential headers and formats.
+pub fn seal_args(host: &str) -> Vec<&'static str> {
+    match host {
+        ANTHROPIC => vec![
+            "--allowed-header",
+            "x-api-key",
+            "--allowed-header",
+            "authorization",
+            "--allowed-format",
+            "%s",
+            "--allowed-format",
+            "Bearer %s",
+        ],
+        OPENAI => vec![
+            "--allowed-header",
+            "authorization",
+            "--allowed-format",
+            "Bearer %s",
+        ],
+        GITHUB => vec![
+            "--allowed-header",
+            "authorization",
+            "--allowed-format",
+            "token %s",
+            "--allowed-format",
+            "Bearer %s",
+        ],
+        _ => vec![],
+    }
+}
+
+/// A sandbox cgroup served by `proxypilot sidecar`.
+pub struct FlyShape {
+    pub cgroup: TestCgroup,
+    pub sidecar: Proxypilot,
+    pub tokenizer: Option<Proxypilot>,
+    /// The CA the sandbox trusts (`--ca-out`).
+    pub ca: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl FlyShape {
+    /// Seals the three API keys with `proxypilot seal`, starts the tokenizer
+    /// (remote mode) and the sidecar, and waits until both are ready.
+    /// `extra` goes on the sidecar's command line.
+    pub fn start(net: &FakeInternet, name: &str, mode: Tokenizer, extra: &[&str]) -> FlyShape {
+        let dir = net.dir.0.join(format!("fly-{name}"));
+        fs::create_dir_all(&dir).unwrap();
+        let open_key = dir.join("open.key");
+        let out = run_ok(
+            Command::new(proxypilot_bin())
+                .arg("keygen")
+                .arg("--out")
+                .arg(&open_key),
+        );
+        let seal_key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let keys = net.apis.keys();
+        let mut sealed = Vec::new();
+        for (host, var, real) in [
+            (ANTHROPIC, "ANTHROPIC_SEALED", &keys.anthropic),
+            (OPENAI, "OPENAI_SEALED", &keys.openai),
+            (GITHUB, "GH_SEALED", &keys.github),
+        ] {
+            let out = run_ok(
+                Command::new(proxypilot_bin())
+                    .args([
+                        "seal",
+                        "--no-auth",
+                        "--host",
+                        host,
+                        "--seal-key",
+                        &seal_key,
+                        "--token-env",
+                        "REAL",
+                    ])
+                    .args(seal_args(host))
+                    .env("REAL", real),
+            );
+            sealed.push((
+                host,
+                var,
+                String::from_utf8(out.stdout).unwrap().trim().to_string(),
+            ));
+        }
+
+        let cgroup = TestCgroup::new(&format!("fly-{name}"));
+        let tokenizer = (mode == Tokenizer::Remote).then(|| start_tokenizer(net, &dir, &open_key));
+
+        let ca = dir.join("ca.pem");
+        let ready = dir.join("ready");
+        let mut sidecar = net
+            .command(proxypilot_bin())
+            .inherit_env()
+            .arg("sidecar")
+            .arg("--cgroup")
+            .arg(cgroup.path())
+            .args(["--dns", DNS_IP, "--state-dir"])
+            .arg(dir.join("state"))
+            .arg("--ca-out")
+            .arg(&ca)
+            .arg("--ready-file")
+            .arg(&ready)
+            .args(extra);
+        for (host, var, value) in &sealed {
+            sidecar = sidecar
+                .env(var, value)
+                .arg("--target")
+                .arg(format!("{host}={var}"));
+        }
+        sidecar = match mode {
+            Tokenizer::Remote => {
+                sidecar.args(["--tokenizer", &format!("http://127.0.0.1:{TOKENIZER_PORT}")])
+            }
+            Tokenizer::Embedded => sidecar
+                .args(["--tokenizer", "embedded", "--open-key-file"])
+                .arg(&open_key)
+                .arg("--upstream-ca")
+                .arg(net.apis.ca_pem_path()),
+        };
+        let sidecar = Proxypilot::start(sidecar.command(), &ready, dir.join("sidecar.log"));
+        FlyShape {
+            cgroup,
+            sidecar,
+            tokenizer,
+            ca,
+            dir,
+        }
+    }
+
+    /// A command in the sandbox: in the cgroup, resolving through the stub
+    /// DNS, with dummy keys and the proxypilot CA as its only extra trust.
+    pub fn sandbox(
+        &self,
+        net: &FakeInternet,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> SandboxCommand {
+        let mut cmd = net.command(program).cgroup(self.cgroup.path());
+        for (k, v) in sandbox_env(&self.ca) {
+            cmd = cmd.env(k, v);
+        }
+        cmd
+    }
+
+    pub fn sidecar_log(&self) -> String {
+        self.sidecar.stderr()
+    }
+}
+
+/// Starts `proxypilot tokenizer` on 127.0.0.1:[`TOKENIZER_PORT`], trusting
+/// the test CA for the upstreams, and waits until it accepts connections.
+pub fn start_tokenizer(
+    net: &FakeInternet,
+    dir: &std::path::Path,
+    open_key: &std::path::Path,
+) -> Proxypilot {
+    let log = dir.join("tokenizer.log");
+    let mut cmd = net
+        .command(proxypilot_bin())
+        .inherit_env()
+        .arg("tokenizer")
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{TOKENIZER_PORT}"),
+            "--open-key-file",
+        ])
+        .arg(open_key)
+        .arg("--upstream-ca")
+        .arg(net.apis.ca_pem_path())
+        .command();
+    let stderr = fs::File::create(&log).unwrap();
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr);
+    let child = cmd.spawn().expect("start proxypilot tokenizer");
+    let addr = SocketAddr::from(([127, 0, 0, 1], TOKENIZER_PORT));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the tokenizer did not listen in 20s:\n{}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    Proxypilot {
+        child,
+        stderr_path: log,
+    }
+}
+
+/// What the sandbox's environment holds: dummy keys, and every runtime's
+/// CA variable pointing at proxypilot's CA (the shell container's entry
+/// point does the same with the CA it fetches from the sidecar).
+pub fn sandbox_env(ca: &std::path::Path) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = ["ANTHROPIC_API_KEY", "OPENAI_API_KEY", "GH_TOKEN"]
+        .iter()
+        .map(|k| (k.to_string(), "dummy".to_string()))
+        .collect();
+    for var in [
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "GIT_SSL_CAINFO",
+    ] {
+        env.push((var.to_string(), ca.display().to_string()));
+    }
+    env
+}
+
+/// `proxypilot run` (the local shape) with the real keys in its own
+/// environment and `--secret` for each API, running `cmd`.
+pub fn local_run(net: &FakeInternet, extra: &[&str], cmd: &[&str]) -> SandboxCommand {
+    let keys = net.apis.keys();
+    net.command(proxypilot_bin())
+        .env("ANTHROPIC_API_KEY", &keys.anthropic)
+        .env("OPENAI_API_KEY", &keys.openai)
+        .env("GH_TOKEN", &keys.github)
+        .env("TMPDIR", &net.dir.0)
+        .arg("run")
+        .args(["--dns", DNS_IP, "--upstream-ca"])
+        .arg(net.apis.ca_pem_path())
+        .args([
+            "--secret",
+            "ANTHROPIC_API_KEY",
+            "--secret",
+            "OPENAI_API_KEY",
+            "--secret",
+            "GH_TOKEN",
+        ])
+        .args(extra)
+        .arg("--")
+        .args(cmd)
+}
