@@ -79,12 +79,15 @@ acceptable() {
 }
 
 by_marker() {
-    local environ pid rel dir found=""
+    local environ pid rel dir text found=""
     for environ in /proc/[0-9]*/environ; do
         pid="${environ#/proc/}"
         pid="${pid%/environ}"
         [ "$pid" != "$$" ] || continue
-        if tr '\0' '\n' <"$environ" 2>/dev/null | grep -qx "PROXYPILOT_SANDBOX=$name"; then
+        # Processes come and go while we scan: ignore unreadable ones. (Read
+        # first, then match: with pipefail, `tr | grep -q` could fail on SIGPIPE.)
+        text="$( { tr '\0' '\n' <"$environ"; } 2>/dev/null )" || continue
+        if grep -qx "PROXYPILOT_SANDBOX=$name" <<<"$text"; then
             rel="$(sed -n 's/^0::\(.*\)$/\1/p' "/proc/$pid/cgroup" 2>/dev/null | head -n1)"
             # "/.." means the process is outside our cgroup namespace's view.
             case "$rel" in ""|/..*) continue ;; esac

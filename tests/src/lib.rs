@@ -91,8 +91,11 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new(name: &str) -> TestCgroup {
+        // Unique per call: tests in one process run in parallel.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let root = cgroup::cgroup2_mount().expect("cgroup v2 mount");
-        let path = root.join(format!("proxypilot-test-{name}-{}", std::process::id()));
+        let path = root.join(format!("proxypilot-test-{name}-{}-{n}", std::process::id()));
         let _ = cgroup::remove_tree(&path);
         fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         let id = cgroup::cgroup_id(&path).unwrap();

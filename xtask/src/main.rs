@@ -143,6 +143,10 @@ fn setup() -> Result<()> {
                 .arg(&path))?;
         }
     }
+    // Node SDKs the client tests run (pinned by package-lock.json).
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(root.join("tests/support/clients")))?;
     eprintln!("xtask: setup complete; `cargo build` now builds everything");
     Ok(())
 }
