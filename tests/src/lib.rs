@@ -168,8 +168,14 @@ pub fn support_dir() -> PathBuf {
 
 /// The `proxypilot` binary of this build (target/<profile>/proxypilot).
 pub fn proxypilot_bin() -> PathBuf {
+    // Test executables live in target/<profile>/deps, binaries one level up.
     let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let dir = exe.parent().unwrap();
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().unwrap()
+    } else {
+        dir
+    };
     let bin = profile_dir.join("proxypilot");
     assert!(
         bin.exists(),

@@ -30,6 +30,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The original README's transcript, offline: fake APIs in a private
+    /// network namespace, the example scripts under `proxypilot run`.
+    Demo,
     /// Benchmarks that compare two things in one run and print the ratio.
     Bench {
         /// Which benchmark: `kernel` (connect through the programs vs. without).
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Setup => setup(),
         Task::Test { args } => test(&args),
+        Task::Demo => demo(),
         Task::Bench { which } => bench(&which),
     };
     match result {
@@ -161,6 +165,21 @@ fn test(args: &[String]) -> Result<()> {
         .current_dir(&root)
         .arg("test")
         .args(args))
+}
+
+fn demo() -> Result<()> {
+    let root = workspace_root();
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "--bins"]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "run",
+        "--quiet",
+        "-p",
+        "proxypilot-tests",
+        "--bin",
+        "demo",
+    ]))
 }
 
 fn bench(which: &str) -> Result<()> {

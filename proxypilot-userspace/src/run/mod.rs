@@ -24,7 +24,7 @@ use anyhow::{bail, Context, Result};
 use self::{child::RunAs, secrets::SecretSpec};
 use crate::{
     cli::kernel_args::KernelArgs,
-    kernel::{cgroup, cgroup::OwnedCgroup},
+    kernel::{cgroup, cgroup::OwnedCgroup, denials::Denial},
     policy::HostPattern,
     relay::{embedded::EmbeddedTokenizer, Forward, Limits},
     settings::{RelayArgs, RelaySettings, SecretString, Target, TokenizerMode},
@@ -82,16 +82,18 @@ pub async fn run(opts: RunOptions) -> Result<ExitCode> {
     let cgroup_path = cleanup.cgroup.as_ref().unwrap().path().to_path_buf();
 
     let hinted = Arc::new(AtomicBool::new(false));
-    let sidecar = Sidecar::start(&cgroup_path, &opts.kernel, &settings, embedded, move |denial| {
-        if !hinted.swap(true, Ordering::Relaxed) {
-            eprintln!(
-                "proxypilot: blocked {denial}. Allow it with --allow-cidr {}, or --allow HOST for an HTTPS host",
-                denial.origin.addr
-            );
-        } else {
-            tracing::info!(target: "denied", "{denial}");
-        }
-    })
+    let sidecar = Sidecar::start(
+        &cgroup_path,
+        &opts.kernel,
+        &settings,
+        embedded,
+        move |denial| match hint_for(&denial) {
+            Some(hint) if !hinted.swap(true, Ordering::Relaxed) => {
+                eprintln!("proxypilot: blocked {denial}. {hint}")
+            }
+            _ => tracing::info!(target: "denied", "{denial}"),
+        },
+    )
     .await?;
     let bundle = trust::write_bundle(&cleanup.dirs.as_ref().unwrap().public, sidecar.ca.ca_pem())?;
     cleanup.sidecar = Some(sidecar);
@@ -108,6 +110,29 @@ pub async fn run(opts: RunOptions) -> Result<ExitCode> {
     child::reclaim_terminal();
     drop(cleanup);
     Ok(ExitCode::from(child::exit_code(status?)))
+}
+
+/// The one-line advice printed the first time something is denied, or
+/// `None` for denials that are not worth a line: a UDP connect() that is not
+/// DNS is usually an address probe (glibc and Go connect a UDP socket to
+/// each candidate address to sort them, sending nothing).
+fn hint_for(denial: &Denial) -> Option<String> {
+    let port = denial.origin.addr.port();
+    match (denial.protocol.as_str(), denial.hook.starts_with("connect")) {
+        ("tcp", _) => Some(format!(
+            "Allow it with --allow-cidr {}, or --allow HOST for an HTTPS host",
+            denial.origin.addr
+        )),
+        ("udp", true) if port != 53 => None,
+        ("udp", _) if port == 53 => Some(format!(
+            "Allow this DNS server with --dns {}",
+            denial.origin.addr.ip()
+        )),
+        ("udp", _) if port == proxypilot_common::QUIC_PORT => {
+            Some("QUIC is always refused; clients fall back to HTTPS over TCP".to_string())
+        }
+        _ => Some("only DNS (--dns) may use UDP".to_string()),
+    }
 }
 
 /// Reads every secret's real value; all missing variables are named at once.
@@ -265,5 +290,43 @@ impl Drop for Cleanup {
         if let Some(d) = self.dirs.take() {
             let _ = fs::remove_dir_all(&d.public);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::OriginalDestination;
+
+    fn denial(protocol: &str, hook: &'static str, addr: &str) -> Denial {
+        Denial {
+            origin: OriginalDestination {
+                addr: addr.parse().unwrap(),
+                pid: 1,
+                uid: 0,
+                cgroup_id: 1,
+                comm: "curl".into(),
+            },
+            protocol: protocol.into(),
+            reason: "not on the allow list",
+            hook,
+        }
+    }
+
+    #[test]
+    fn hints_say_what_to_allow_and_skip_address_probes() {
+        let tcp = hint_for(&denial("tcp", "connect4", "203.0.113.9:5432")).unwrap();
+        assert!(tcp.contains("--allow-cidr 203.0.113.9:5432"), "{tcp}");
+        let dns = hint_for(&denial("udp", "sendmsg4", "198.51.100.1:53")).unwrap();
+        assert!(dns.contains("--dns 198.51.100.1"), "{dns}");
+        let dns = hint_for(&denial("udp", "connect6", "[2001:db8::1]:53")).unwrap();
+        assert!(dns.contains("--dns 2001:db8::1"), "{dns}");
+        // glibc's RFC 6724 sorting connects UDP sockets to port 443 and sends nothing.
+        assert_eq!(
+            hint_for(&denial("udp", "connect4", "203.0.113.11:443")),
+            None
+        );
+        let quic = hint_for(&denial("udp", "sendmsg4", "203.0.113.11:443")).unwrap();
+        assert!(quic.contains("QUIC"), "{quic}");
     }
 }
