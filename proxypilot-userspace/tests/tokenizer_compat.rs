@@ -82,7 +82,7 @@ fn nacl_available() -> bool {
         .unwrap_or(false);
     if !ok {
         if std::env::var_os("CI").is_some() {
-            panic!("CI is set but python3 cannot import nacl: pip install -r proxypilot-userspace/tests/requirements-dev.txt");
+            panic!("CI is set but python3 cannot import nacl: pip install -r tests/requirements.txt (cargo xtask setup does)");
         }
         eprintln!("SKIPPED: python3 with PyNaCl not available (pip install pynacl); set CI=1 to make this fatal");
     }

@@ -405,7 +405,7 @@ mod tests {
         if !have_nacl {
             assert!(
                 std::env::var_os("CI").is_none(),
-                "CI is set but python3 cannot import nacl: pip install -r proxypilot-userspace/tests/requirements-dev.txt"
+                "CI is set but python3 cannot import nacl: pip install -r tests/requirements.txt (cargo xtask setup does)"
             );
             eprintln!("SKIPPED: python3 with PyNaCl not available (pip install pynacl)");
             return;
