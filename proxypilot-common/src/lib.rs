@@ -138,6 +138,8 @@ pub mod deny_reason {
     pub const PROTOCOL: u32 = 4;
     /// The origin map could not record the connection.
     pub const MAP_FULL: u32 = 5;
+    /// The sandbox dialled the proxy's own listener instead of a destination.
+    pub const DIRECT_TO_PROXY: u32 = 6;
 }
 
 /// One denied connect or send, reported to user space.

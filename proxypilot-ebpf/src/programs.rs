@@ -138,8 +138,10 @@ fn on_address<const V6: bool>(ctx: &SockAddrContext, hook: u32, is_connect: bool
     let dest = read_dest::<V6>(sa);
     // SAFETY: ctx fields readable by every cgroup_sock_addr program.
     let protocol = unsafe { (*sa).protocol };
+    // SAFETY: a cgroup_sock_addr ctx.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let verdict = if is_connect {
-        decide_connect(config, protocol, dest)
+        decide_connect(config, protocol, dest, cookie)
     } else {
         decide_udp(protocol, dest)
     };
@@ -147,8 +149,6 @@ fn on_address<const V6: bool>(ctx: &SockAddrContext, hook: u32, is_connect: bool
         Verdict::Pass => PASS,
         Verdict::Redirect(to) => {
             let origin = origin_of(dest, family::<V6>());
-            // SAFETY: a cgroup_sock_addr ctx.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             if SOCK_ORIGIN.insert(&cookie, &origin, 0).is_err() {
                 warn!(ctx, "proxypilot: could not record an intercepted connect");
                 report(&origin, protocol, hook, deny_reason::MAP_FULL);
@@ -164,21 +164,27 @@ fn on_address<const V6: bool>(ctx: &SockAddrContext, hook: u32, is_connect: bool
     }
 }
 
-fn decide_connect(config: &Config, protocol: u32, dest: Dest) -> Verdict {
+fn decide_connect(config: &Config, protocol: u32, dest: Dest, cookie: u64) -> Verdict {
     match protocol {
-        IPPROTO_TCP => decide_tcp(config, dest),
+        IPPROTO_TCP => decide_tcp(config, dest, cookie),
         IPPROTO_UDP => decide_udp(protocol, dest),
         _ => Verdict::Deny(deny_reason::PROTOCOL),
     }
 }
 
-fn decide_tcp(config: &Config, dest: Dest) -> Verdict {
+fn decide_tcp(config: &Config, dest: Dest, cookie: u64) -> Verdict {
     let listener = listener_for(config, &dest.addr);
-    // Already the listener: a direct connect, or the rewrite of an older copy
-    // of these programs that runs first during a takeover.
+    // Already the listener: an older copy of these programs, running first
+    // during a takeover, redirected it (and recorded it in the shared map).
+    // A sandbox dialling the proxy's port itself is refused.
     if let Some(l) = listener {
         if l.port == dest.port && l.addr == dest.addr {
-            return Verdict::Pass;
+            // SAFETY: read only for presence.
+            return if unsafe { SOCK_ORIGIN.get(&cookie) }.is_some() {
+                Verdict::Pass
+            } else {
+                Verdict::Deny(deny_reason::DIRECT_TO_PROXY)
+            };
         }
     }
     // SAFETY: the value is a plain u8 marker, read only for presence.

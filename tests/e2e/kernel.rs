@@ -413,3 +413,27 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn dialling_the_proxys_listener_directly_is_refused() {
+    require_root!();
+    let _ns = NetNs::enter_new(&[&format!("{DEST4}/32")]);
+    let cg = TestCgroup::new("direct");
+    let (_attachment, echo) = attach_with_echo(&cg, vec![]);
+    assert_errno(
+        &probe_one(
+            cg.path(),
+            &["tcp", "127.0.0.1", &echo.v4.port().to_string()],
+        ),
+        "EPERM",
+    );
+    assert_errno(
+        &probe_one(cg.path(), &["tcp", "::1", &echo.v6.port().to_string()]),
+        "EPERM",
+    );
+    // The redirected path still works.
+    assert_redirected(
+        &probe_one(cg.path(), &["tcp", DEST4, "443"]),
+        "203.0.113.10:443",
+    );
+}

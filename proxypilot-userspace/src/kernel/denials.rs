@@ -37,6 +37,9 @@ impl From<&DenyEvent> for Denial {
             }
             deny_reason::PROTOCOL => "only TCP and UDP are handled",
             deny_reason::MAP_FULL => "the connection could not be recorded",
+            deny_reason::DIRECT_TO_PROXY => {
+                "the proxy's listener is only reachable through a redirect"
+            }
             _ => "denied",
         };
         let hook = match e.hook {
