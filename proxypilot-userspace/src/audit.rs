@@ -36,6 +36,8 @@ pub struct RequestAudit {
     status: AtomicU16,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// Echoes of the secret masked in the response (embedded tokenizer).
+    redactions: std::sync::OnceLock<crate::tokenizer::redact::Redactions>,
 }
 
 impl RequestAudit {
@@ -47,7 +49,13 @@ impl RequestAudit {
             status: AtomicU16::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            redactions: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Counts the response's masked echoes in this line.
+    pub fn set_redactions(&self, r: crate::tokenizer::redact::Redactions) {
+        let _ = self.redactions.set(r);
     }
 
     pub fn set_status(&self, status: u16) {
@@ -84,8 +92,13 @@ impl Drop for RequestAudit {
             bytes_out = self.bytes_out.load(Ordering::Relaxed),
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
             secret = %i.secret,
+            redacted = self.redactions.get().map_or(0, |r| r.count()),
             "request"
         );
+        if let Some(n) = self.redactions.get().map(|r| r.count()).filter(|n| *n > 0) {
+            tracing::warn!(target: TARGET, sni = %i.sni, path = %i.path, secret = %i.secret, redacted = n,
+                "the upstream echoed the secret back; masked it in the response");
+        }
     }
 }
 

@@ -386,3 +386,4 @@ pub mod sandbox;
 pub mod shapes;
 pub mod testca;
 pub mod upstream;
+pub mod loadgen;

@@ -41,7 +41,10 @@ impl Forward for EmbeddedTokenizer {
         let config = self.config.clone();
         Box::pin(async move {
             match server::forward_request(&config, req).await {
-                Ok((resp, _secrets)) => Ok(resp.map(|b| b.boxed_unsync())),
+                // The engine knows what it injected: echoes are masked.
+                Ok(f) => Ok(crate::tokenizer::redact::redact_response(
+                    f.response, f.injected,
+                )),
                 Err(e) => Err(ForwardError::Engine {
                     status: e.status(),
                     message: e.to_string(),

@@ -92,7 +92,15 @@ async fn handle(
         ctx.active.clone(),
     ));
     let resp = match relay_request(&ctx, req, &scope).await {
-        Ok(resp) => resp,
+        Ok(resp) => {
+            if let Some(r) = resp
+                .extensions()
+                .get::<crate::tokenizer::redact::Redactions>()
+            {
+                scope.audit.set_redactions(r.clone());
+            }
+            resp
+        }
         Err(e) => {
             tracing::warn!(sni = %ctx.sni, error = %e, "request not relayed");
             error_response(&e)

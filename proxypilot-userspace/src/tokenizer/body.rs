@@ -128,6 +128,8 @@ pub struct ReplaceBody<B> {
     carry: Vec<u8>,
     trailers: Option<Frame<Bytes>>,
     done: bool,
+    /// Counts replacements, when someone wants to know (redaction).
+    counter: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl<B> ReplaceBody<B> {
@@ -140,7 +142,14 @@ impl<B> ReplaceBody<B> {
             carry: Vec::new(),
             trailers: None,
             done: false,
+            counter: None,
         }
+    }
+
+    /// Adds one to `counter` for every replacement made.
+    pub fn with_counter(mut self, counter: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        self.counter = Some(counter);
+        self
     }
 
     fn feed(&mut self, data: &[u8]) -> Bytes {
@@ -153,6 +162,9 @@ impl<B> ReplaceBody<B> {
             out.extend_from_slice(&buf[i..i + j]);
             out.extend_from_slice(&self.token);
             i += j + plen;
+            if let Some(c) = &self.counter {
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         // Only the last plen-1 bytes can start an occurrence that the next
         // chunk completes.

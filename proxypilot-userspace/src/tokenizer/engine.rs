@@ -53,6 +53,18 @@ pub struct Applied {
     pub body: BodyTransform,
     /// The secrets with their hazmat stripped, for log lines.
     pub shapes: Vec<String>,
+    /// The plaintext values put into the request, to redact echoes of them.
+    pub injected: InjectedTokens,
+}
+
+/// Plaintext tokens a request carried; never printed.
+#[derive(Default)]
+pub struct InjectedTokens(pub Vec<Zeroizing<Vec<u8>>>);
+
+impl std::fmt::Debug for InjectedTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InjectedTokens(<{} redacted>)", self.0.len())
+    }
 }
 
 impl Engine {
@@ -100,6 +112,7 @@ impl Engine {
             .map_err(|_| TokenizerError::BadHeader("the value is not visible ASCII".into()))?;
 
         let mut actions = Vec::with_capacity(values.len());
+        let mut injected = InjectedTokens::default();
         let mut shapes = Vec::with_capacity(values.len());
         for value in &values {
             let (b64, params) = header::parse(value)?;
@@ -118,6 +131,7 @@ impl Engine {
                 .processor()
                 .ok_or_else(|| TokenizerError::BadSecret("bad processor config".into()))?;
             actions.push(processor::plan(p, &params)?);
+            injected.0.extend(secret.sent_tokens());
         }
 
         let mut body = BodyTransform::default();
@@ -135,6 +149,7 @@ impl Engine {
             secrets: values.len(),
             body,
             shapes,
+            injected,
         })
     }
 

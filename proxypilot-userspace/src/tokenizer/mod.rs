@@ -15,6 +15,7 @@ pub mod flysrc;
 pub mod header;
 pub mod keys;
 pub mod processor;
+pub mod redact;
 pub mod seal;
 pub mod secret;
 pub mod server;

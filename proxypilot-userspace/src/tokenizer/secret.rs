@@ -444,6 +444,40 @@ impl Secret {
 
     /// A copy safe to log, as Go's StripHazmat: tokens become "REDACTED",
     /// binary keys and digests become base64-decoded "REDACTED".
+    /// The plaintext values this secret puts into requests (not HMAC keys,
+    /// which never leave), so echoes of them can be redacted from responses.
+    pub fn sent_tokens(&self) -> Vec<zeroize::Zeroizing<Vec<u8>>> {
+        let mut out = Vec::new();
+        let mut push = |s: &SecretString| {
+            if !s.is_empty() {
+                out.push(zeroize::Zeroizing::new(s.expose().as_bytes().to_vec()));
+            }
+        };
+        if let Some(p) = &self.inject_processor {
+            push(&p.token);
+        }
+        if let Some(p) = &self.inject_body_processor {
+            push(&p.token);
+        }
+        for t in [
+            &self
+                .oauth2_processor
+                .as_ref()
+                .and_then(|p| p.token.as_ref()),
+            &self
+                .oauth2_body_processor
+                .as_ref()
+                .and_then(|p| p.token.as_ref()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            push(&t.access_token);
+            push(&t.refresh_token);
+        }
+        out
+    }
+
     pub fn strip_hazmat(&self) -> Secret {
         let red = || SecretString::new(REDACTED);
         let red_oauth = |t: &Option<OAuthToken>| {

@@ -82,10 +82,10 @@ async fn handle(
         uri.path().to_string(),
     );
     match forward_request(cfg, req).await {
-        Ok((resp, secrets)) => {
-            tracing::info!(%peer, %method, %host, %path, secrets, status = resp.status().as_u16(),
+        Ok(f) => {
+            tracing::info!(%peer, %method, %host, %path, secrets = f.secrets, status = f.response.status().as_u16(),
                 dur_ms = start.elapsed().as_millis() as u64, "proxied");
-            resp
+            super::redact::redact_response(f.response, f.injected)
         }
         Err(e) => {
             tracing::warn!(%peer, %method, %host, %path, status = e.status().as_u16(), error = %e,
@@ -100,10 +100,19 @@ async fn handle(
 /// server: this is the embedded front door (the relay hands it the same
 /// absolute-form request it would send a remote tokenizer). Returns the
 /// upstream's response, streamed, and how many secrets were applied.
+/// What [`forward_request`] hands back.
+pub struct Forwarded {
+    pub response: Response<ProxyBody>,
+    /// How many sealed secrets were applied.
+    pub secrets: usize,
+    /// The plaintext values injected, for redacting echoes of them.
+    pub injected: super::engine::InjectedTokens,
+}
+
 pub async fn forward_request<B>(
     cfg: &ServerConfig,
     req: Request<B>,
-) -> Result<(Response<ProxyBody>, usize), TokenizerError>
+) -> Result<Forwarded, TokenizerError>
 where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<super::body::BoxError>,
@@ -191,7 +200,11 @@ where
     let rbody = rbody
         .map_err(|e| -> super::body::BoxError { Box::new(e) })
         .boxed_unsync();
-    Ok((Response::from_parts(rparts, rbody), applied.secrets))
+    Ok(Forwarded {
+        response: Response::from_parts(rparts, rbody),
+        secrets: applied.secrets,
+        injected: applied.injected,
+    })
 }
 
 /// Remove hop-by-hop headers (RFC 9110 7.6.1), including those the
