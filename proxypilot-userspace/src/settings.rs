@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 use ipnet::IpNet;
@@ -62,6 +63,58 @@ pub struct RelayArgs {
     /// TOML file with the same settings (keys named like the flags).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Caps and timeouts of the relay; each has a safe default.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LimitArgs {
+    /// Connections from the sandbox handled at once; more are closed at
+    /// accept and logged [default: 4096].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Largest request header block accepted [default: 65536].
+    #[arg(long, value_name = "BYTES")]
+    pub max_header_bytes: Option<usize>,
+    /// Time allowed for the ClientHello and TLS handshake [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub handshake_timeout: Option<Duration>,
+    /// Time allowed to send one request's headers [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub header_read_timeout: Option<Duration>,
+    /// Close a connection with no request in flight and no bytes moving
+    /// for this long [default: 300s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Time allowed for the tokenizer's response head; long, since a
+    /// non-streaming LLM call answers only when done [default: 600s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub response_timeout: Option<Duration>,
+}
+
+/// "300", "300s", "5m", "1h" or "250ms".
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration; write e.g. 30s, 5m, 250ms"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use ms, s, m or h")),
+    };
+    if d.is_zero() {
+        return Err(format!(
+            "{s:?}: a timeout of zero would cut off every connection"
+        ));
+    }
+    Ok(d)
 }
 
 /// A secret string: never printed by Debug or Display.
@@ -137,6 +190,12 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     ca_out: Option<PathBuf>,
     info_port: Option<u16>,
+    max_connections: Option<usize>,
+    max_header_bytes: Option<usize>,
+    handshake_timeout: Option<String>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    response_timeout: Option<String>,
     kernel: Option<toml::Table>,
 }
 
@@ -297,6 +356,58 @@ impl RelayArgs {
             );
         }
 
+        let mut limits = Limits::default();
+        let l = &self.limits;
+        if let Some(n) = l.max_connections.or(file.max_connections) {
+            if n == 0 {
+                errors.push("max-connections must be at least 1".into());
+            }
+            limits.max_connections = n.max(1);
+        }
+        if let Some(n) = l.max_header_bytes.or(file.max_header_bytes) {
+            if n < 1024 {
+                errors.push(format!(
+                    "max-header-bytes {n} is too small for real clients; use at least 1024"
+                ));
+            }
+            limits.max_header_bytes = n;
+        }
+        for (name, flag, from_file, slot) in [
+            (
+                "handshake-timeout",
+                l.handshake_timeout,
+                &file.handshake_timeout,
+                &mut limits.handshake_timeout,
+            ),
+            (
+                "header-read-timeout",
+                l.header_read_timeout,
+                &file.header_read_timeout,
+                &mut limits.header_read_timeout,
+            ),
+            (
+                "idle-timeout",
+                l.idle_timeout,
+                &file.idle_timeout,
+                &mut limits.idle_timeout,
+            ),
+            (
+                "response-timeout",
+                l.response_timeout,
+                &file.response_timeout,
+                &mut limits.response_timeout,
+            ),
+        ] {
+            match (flag, from_file) {
+                (Some(d), _) => *slot = d,
+                (None, Some(text)) => match parse_duration(text) {
+                    Ok(d) => *slot = d,
+                    Err(e) => errors.push(format!("{name} in the config file: {e}")),
+                },
+                (None, None) => {}
+            }
+        }
+
         if !errors.is_empty() {
             return Err(anyhow!(
                 "invalid relay configuration:\n  - {}",
@@ -316,7 +427,7 @@ impl RelayArgs {
             ca_out: self.ca_out.clone().or(file.ca_out),
             info_port,
             kernel_config: file.kernel,
-            limits: Limits::default(),
+            limits,
         })
     }
 }
@@ -471,6 +582,66 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn limits_have_safe_defaults_and_come_from_flags_or_the_file() {
+        let s = RelayArgs::default().resolve_with(&env_of(&[])).unwrap();
+        let d = Limits::default();
+        assert_eq!(
+            (s.limits.max_connections, s.limits.idle_timeout),
+            (d.max_connections, d.idle_timeout)
+        );
+
+        let dir = std::env::temp_dir().join(format!("pp-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "max-connections = 7\nidle-timeout = \"5m\"\nheader-read-timeout = \"250ms\"\n",
+        )
+        .unwrap();
+        let args = RelayArgs {
+            config: Some(file.clone()),
+            limits: LimitArgs {
+                max_header_bytes: Some(8192),
+                idle_timeout: Some(Duration::from_secs(9)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let s = args.resolve_with(&env_of(&[])).unwrap();
+        assert_eq!(s.limits.max_connections, 7);
+        assert_eq!(s.limits.max_header_bytes, 8192);
+        assert_eq!(
+            s.limits.idle_timeout,
+            Duration::from_secs(9),
+            "a flag beats the file"
+        );
+        assert_eq!(s.limits.header_read_timeout, Duration::from_millis(250));
+
+        std::fs::write(&file, "idle-timeout = \"soon\"\nmax-connections = 0\n").unwrap();
+        let e = RelayArgs {
+            config: Some(file),
+            ..Default::default()
+        }
+        .resolve_with(&env_of(&[]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("idle-timeout") && e.contains("max-connections"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("10 parsecs").unwrap_err().contains("unit"));
     }
 
     #[test]

@@ -382,8 +382,8 @@ pub fn read_all(mut s: impl Read) -> String {
 }
 
 pub mod dns;
+pub mod loadgen;
 pub mod sandbox;
 pub mod shapes;
 pub mod testca;
 pub mod upstream;
-pub mod loadgen;

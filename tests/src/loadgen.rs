@@ -103,11 +103,22 @@ impl Spec {
             "ca_pem": t.ca_pem.display().to_string(), "headers": t.headers, "h2": t.h2,
         });
         let mode = match &self.mode {
-            Mode::KeepAlive { conns, warmup, duration, path } => json!({"kind": "keepalive",
+            Mode::KeepAlive {
+                conns,
+                warmup,
+                duration,
+                path,
+            } => json!({"kind": "keepalive",
                 "conns": conns, "warmup_ms": ms(*warmup), "duration_ms": ms(*duration), "path": path}),
-            Mode::NewConn { conns, duration, path } => json!({"kind": "newconn",
+            Mode::NewConn {
+                conns,
+                duration,
+                path,
+            } => json!({"kind": "newconn",
                 "conns": conns, "duration_ms": ms(*duration), "path": path}),
-            Mode::Sse { iterations, path } => json!({"kind": "sse", "iterations": iterations, "path": path}),
+            Mode::Sse { iterations, path } => {
+                json!({"kind": "sse", "iterations": iterations, "path": path})
+            }
             Mode::Download { path, expect_bytes } => json!({"kind": "download",
                 "path": path, "expect_bytes": expect_bytes}),
             Mode::Hold { conns, path } => json!({"kind": "hold", "conns": conns, "path": path}),
@@ -271,7 +282,12 @@ impl Client {
         let headers = t
             .headers
             .iter()
-            .map(|(k, v)| Ok((HeaderName::try_from(k.as_str())?, HeaderValue::try_from(v.as_str())?)))
+            .map(|(k, v)| -> Result<_, BoxError> {
+                Ok((
+                    HeaderName::try_from(k.as_str())?,
+                    HeaderValue::try_from(v.as_str())?,
+                ))
+            })
             .collect::<Result<Vec<_>, BoxError>>()?;
         Ok(Client {
             addr,
@@ -374,7 +390,10 @@ impl Report {
             count: u("count"),
             total: u("total"),
             errors: u("errors"),
-            first_error: v.get("first_error").and_then(Value::as_str).map(str::to_owned),
+            first_error: v
+                .get("first_error")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
             seconds: f("seconds"),
             rate: f("rate"),
             p50_us: f("p50_us"),
@@ -543,7 +562,7 @@ async fn newconn(
                     let t = Instant::now();
                     let r = async {
                         let mut s = client.connect().await?;
-                        client.get(&mut s, &path).await
+                        Ok::<u64, BoxError>(client.get(&mut s, &path).await?)
                     }
                     .await;
                     match r {

@@ -33,11 +33,18 @@ enum Task {
     /// The original README's transcript, offline: fake APIs in a private
     /// network namespace, the example scripts under `proxypilot run`.
     Demo,
-    /// Benchmarks that compare two things in one run and print the ratio.
+    /// Benchmarks that compare things in one run and print the ratios (as root).
     Bench {
-        /// Which benchmark: `kernel` (connect through the programs vs. without).
-        #[arg(default_value = "kernel")]
+        /// Which benchmark: `all` (the default: the side-by-side table of
+        /// direct, proxypilot embedded/remote and mitmproxy, written to
+        /// target/bench/summary.{json,png}), `relay` (direct vs. proxypilot
+        /// embedded/remote: keep-alive, latency, new connections, leaf mint)
+        /// or `kernel` (connect through the programs vs. without).
+        #[arg(default_value = "all")]
         which: String,
+        /// Shorter runs (under a minute); same rows, noisier figures.
+        #[arg(long)]
+        quick: bool,
     },
 }
 
@@ -66,7 +73,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
-        Task::Bench { which } => bench(&which),
+        Task::Bench { which, quick } => bench(&which, quick),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -182,7 +189,7 @@ fn demo() -> Result<()> {
     ]))
 }
 
-fn bench(which: &str) -> Result<()> {
+fn bench(which: &str, quick: bool) -> Result<()> {
     let root = workspace_root();
     match which {
         "kernel" => run(Command::new("cargo").current_dir(&root).args([
@@ -192,6 +199,81 @@ fn bench(which: &str) -> Result<()> {
             "--bench",
             "kernel",
         ])),
-        other => bail!("unknown benchmark `{other}`; available: kernel"),
+        "relay" | "all" => bench_relay(&root, which, quick),
+        other => bail!("unknown benchmark `{other}`; available: all (default), relay, kernel"),
     }
+}
+
+/// The target directory cargo uses here (CARGO_TARGET_DIR or `target/`).
+fn target_dir(root: &Path) -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) if Path::new(&d).is_absolute() => PathBuf::from(d),
+        Some(d) => root.join(d),
+        None => root.join("target"),
+    }
+}
+
+/// `cargo xtask bench [all|relay] [--quick]`: builds proxypilot in release
+/// (the bench binary finds it in target/release), prepares the Python venv
+/// for mitmproxy and the chart (full table only), then runs
+/// tests/benches/relay.rs.
+fn bench_relay(root: &Path, which: &str, quick: bool) -> Result<()> {
+    let target = target_dir(root);
+    let out = target.join("bench");
+    std::fs::create_dir_all(&out)?;
+    run(Command::new("cargo").current_dir(root).args([
+        "build",
+        "--release",
+        "-p",
+        "proxypilot-userspace",
+        "--bins",
+    ]))?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root)
+        .args([
+            "bench",
+            "-p",
+            "proxypilot-tests",
+            "--bench",
+            "relay",
+            "--",
+            which,
+        ])
+        .env("PROXYPILOT_BENCH_OUT", &out);
+    if quick {
+        cmd.arg("--quick");
+    }
+    if which == "all" {
+        cmd.env("PROXYPILOT_BENCH_VENV", bench_venv(root, &out)?);
+    }
+    run(&mut cmd)
+}
+
+/// A venv under target/bench with tests/bench/requirements-bench.txt
+/// (mitmproxy, matplotlib; pinned) installed from PyPI; reinstalled only
+/// when the requirements change.
+fn bench_venv(root: &Path, out: &Path) -> Result<PathBuf> {
+    let venv = out.join("venv");
+    let reqs = root.join("tests/bench/requirements-bench.txt");
+    let wanted =
+        std::fs::read_to_string(&reqs).with_context(|| format!("reading {}", reqs.display()))?;
+    let stamp = venv.join("requirements-bench.txt");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str())
+        && venv.join("bin/mitmdump").exists()
+    {
+        return Ok(venv);
+    }
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(venv.join("bin/python"))
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "-r",
+        ])
+        .arg(&reqs))?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(venv)
 }
