@@ -13,7 +13,7 @@ use std::{
     time::Instant,
 };
 
-use proxypilot::kernel::{cgroup, Attachment, KernelPolicy};
+use proxypilot::kernel::Attachment;
 use proxypilot_tests::*;
 
 const CONNECTS: usize = 10_000;
@@ -34,15 +34,7 @@ fn main() {
     let with = TestCgroup::new("bench-with");
     let without = TestCgroup::new("bench-without");
 
-    let own = cgroup::cgroup_of("self").unwrap();
-    let mut policy = KernelPolicy {
-        intercept_ports: vec![443],
-        listen_v4: None,
-        listen_v6: None,
-        allowed: vec![],
-        exempt_cgroup_id: cgroup::cgroup_id(&own).unwrap(),
-    };
-    policy.set_listeners(&[listen]).unwrap();
+    let policy = test_policy(&[listen], vec![]);
     let attachment = Arc::new(Attachment::attach(with.path(), &policy).unwrap());
     {
         let attachment = attachment.clone();

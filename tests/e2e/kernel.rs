@@ -3,14 +3,13 @@
 //! own.
 
 use std::{
-    net::SocketAddr,
     process::Command,
     sync::Arc,
     thread,
     time::{Duration, Instant},
 };
 
-use proxypilot::kernel::{cgroup, AllowRule, Attachment, KernelPolicy};
+use proxypilot::kernel::{AllowRule, Attachment};
 use proxypilot_tests::*;
 use serde_json::Value;
 
@@ -21,20 +20,10 @@ const DEST6: &str = "2001:db8::10";
 /// serves an [`OriginEcho`] as the proxy.
 fn attach_with_echo(cg: &TestCgroup, allowed: Vec<AllowRule>) -> (Arc<Attachment>, OriginEcho) {
     let listeners = OriginEcho::bind();
-    let own = cgroup::cgroup_of("self").unwrap();
-    let mut policy = KernelPolicy {
-        intercept_ports: vec![443],
-        listen_v4: None,
-        listen_v6: None,
+    let policy = test_policy(
+        &[listeners.0.local_addr().unwrap(), listeners.1.local_addr().unwrap()],
         allowed,
-        exempt_cgroup_id: cgroup::cgroup_id(&own).unwrap(),
-    };
-    policy
-        .set_listeners(&[
-            listeners.0.local_addr().unwrap(),
-            listeners.1.local_addr().unwrap(),
-        ])
-        .unwrap();
+    );
     let attachment = Arc::new(Attachment::attach(cg.path(), &policy).expect("attach"));
     let echo = OriginEcho::serve(listeners, attachment.clone());
     (attachment, echo)
@@ -364,19 +353,10 @@ fn policy_updates_apply_while_running() {
     let real = real_server("203.0.113.20:8080");
     let cg = TestCgroup::new("update");
     let listeners = OriginEcho::bind();
-    let own = cgroup::cgroup_of("self").unwrap();
-    let mut policy = KernelPolicy {
-        intercept_ports: vec![443],
-        listen_v4: None,
-        listen_v6: None,
-        allowed: vec![],
-        exempt_cgroup_id: cgroup::cgroup_id(&own).unwrap(),
-    };
-    let addrs: Vec<SocketAddr> = vec![
-        listeners.0.local_addr().unwrap(),
-        listeners.1.local_addr().unwrap(),
-    ];
-    policy.set_listeners(&addrs).unwrap();
+    let mut policy = test_policy(
+        &[listeners.0.local_addr().unwrap(), listeners.1.local_addr().unwrap()],
+        vec![],
+    );
     let attachment = Arc::new(Attachment::attach(cg.path(), &policy).unwrap());
     let _echo = OriginEcho::serve(listeners, attachment.clone());
 

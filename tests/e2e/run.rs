@@ -13,26 +13,11 @@ use std::{
 use proxypilot::kernel::cgroup;
 use proxypilot_tests::{
     sandbox::SandboxCommand,
-    upstream::{FakeInternet, ANTHROPIC, DNS_IP, OPENAI, REPLY_TEXT},
+    upstream::{FakeInternet, ANTHROPIC, OPENAI, REPLY_TEXT},
     *,
 };
 
-/// `proxypilot run` with the real keys in its environment, trusting the
-/// test CA for the upstreams only, and the stub DNS allowed.
-fn proxypilot_run(net: &FakeInternet, run_args: &[&str], cmd: &[&str]) -> SandboxCommand {
-    let keys = net.apis.keys();
-    net.command(proxypilot_bin())
-        .env("ANTHROPIC_API_KEY", &keys.anthropic)
-        .env("OPENAI_API_KEY", &keys.openai)
-        .env("GH_TOKEN", &keys.github)
-        .env("TMPDIR", &net.dir.0)
-        .arg("run")
-        .args(["--dns", DNS_IP, "--upstream-ca"])
-        .arg(net.apis.ca_pem_path())
-        .args(run_args)
-        .arg("--")
-        .args(cmd)
-}
+use proxypilot_tests::shapes::local_run_with as proxypilot_run;
 
 fn output(cmd: SandboxCommand) -> Output {
     let out = cmd
@@ -152,6 +137,21 @@ fn wait_for_file(path: &Path, child: &mut Child) -> String {
     }
 }
 
+/// Starts `proxypilot run` with [`waiting_command`]; returns it and the
+/// command's "pid cgroup-id" line once written.
+fn spawn_waiting(net: &FakeInternet, marker: &Path) -> (Child, String) {
+    let cmd = waiting_command(marker);
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let mut child = proxypilot_run(net, &["--secret", "ANTHROPIC_API_KEY"], &cmd)
+        .command()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let info = wait_for_file(marker, &mut child);
+    (child, info)
+}
+
 /// A command that records its pid and cgroup id, then waits for a signal.
 fn waiting_command(marker: &Path) -> Vec<String> {
     let script = format!(
@@ -169,15 +169,7 @@ fn sigint_reaches_the_command_and_everything_is_cleaned_up() {
     require_root!();
     let net = FakeInternet::start();
     let marker = net.dir.0.join("marker");
-    let cmd = waiting_command(&marker);
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    let mut child = proxypilot_run(&net, &["--secret", "ANTHROPIC_API_KEY"], &cmd)
-        .command()
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let info = wait_for_file(&marker, &mut child);
+    let (mut child, info) = spawn_waiting(&net, &marker);
     let cgroup_id: u64 = info.split_whitespace().nth(1).unwrap().parse().unwrap();
     assert!(Path::new(&format!("/sys/fs/bpf/proxypilot/cgroup-{cgroup_id}")).exists());
 
@@ -209,15 +201,7 @@ fn sigkill_of_the_command_still_cleans_up() {
     require_root!();
     let net = FakeInternet::start();
     let marker = net.dir.0.join("marker");
-    let cmd = waiting_command(&marker);
-    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    let mut child = proxypilot_run(&net, &["--secret", "ANTHROPIC_API_KEY"], &cmd)
-        .command()
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let info = wait_for_file(&marker, &mut child);
+    let (mut child, info) = spawn_waiting(&net, &marker);
     let mut parts = info.split_whitespace();
     let shell_pid: i32 = parts.next().unwrap().parse().unwrap();
     let cgroup_id: u64 = parts.next().unwrap().parse().unwrap();

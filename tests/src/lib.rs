@@ -185,6 +185,21 @@ pub fn proxypilot_bin() -> PathBuf {
     bin
 }
 
+/// The kernel policy the tests use: port 443 intercepted to `listeners`,
+/// `allowed` passing, and this test process (outside the sandbox) exempt.
+pub fn test_policy(listeners: &[SocketAddr], allowed: Vec<proxypilot::kernel::AllowRule>) -> proxypilot::kernel::KernelPolicy {
+    let own = cgroup::cgroup_of("self").unwrap();
+    let mut policy = proxypilot::kernel::KernelPolicy {
+        intercept_ports: vec![443],
+        listen_v4: None,
+        listen_v6: None,
+        allowed,
+        exempt_cgroup_id: cgroup::cgroup_id(&own).unwrap(),
+    };
+    policy.set_listeners(listeners).unwrap();
+    policy
+}
+
 /// A loopback listener that answers each line it receives with what the
 /// kernel recorded for that connection: `{"orig": .., "pid": .., "comm": ..}`
 /// (or `{"orig": null}`), as the proxy will see it.
@@ -382,6 +397,7 @@ pub fn read_all(mut s: impl Read) -> String {
 }
 
 pub mod dns;
+pub mod faults_support;
 pub mod loadgen;
 pub mod sandbox;
 pub mod shapes;

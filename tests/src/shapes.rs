@@ -251,6 +251,15 @@ pub fn sandbox_env(ca: &std::path::Path) -> Vec<(String, String)> {
 /// `proxypilot run` (the local shape) with the real keys in its own
 /// environment and `--secret` for each API, running `cmd`.
 pub fn local_run(net: &FakeInternet, extra: &[&str], cmd: &[&str]) -> SandboxCommand {
+    let mut args = vec!["--secret", "ANTHROPIC_API_KEY", "--secret", "OPENAI_API_KEY", "--secret", "GH_TOKEN"];
+    args.extend_from_slice(extra);
+    local_run_with(net, &args, cmd)
+}
+
+/// `proxypilot run` with the real keys in its environment, trusting the
+/// test CA for the upstreams only, the stub DNS allowed, and `run_args`
+/// (the `--secret`s among them) as given.
+pub fn local_run_with(net: &FakeInternet, run_args: &[&str], cmd: &[&str]) -> SandboxCommand {
     let keys = net.apis.keys();
     net.command(proxypilot_bin())
         .env("ANTHROPIC_API_KEY", &keys.anthropic)
@@ -260,15 +269,7 @@ pub fn local_run(net: &FakeInternet, extra: &[&str], cmd: &[&str]) -> SandboxCom
         .arg("run")
         .args(["--dns", DNS_IP, "--upstream-ca"])
         .arg(net.apis.ca_pem_path())
-        .args([
-            "--secret",
-            "ANTHROPIC_API_KEY",
-            "--secret",
-            "OPENAI_API_KEY",
-            "--secret",
-            "GH_TOKEN",
-        ])
-        .args(extra)
+        .args(run_args)
         .arg("--")
         .args(cmd)
 }

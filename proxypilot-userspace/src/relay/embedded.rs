@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use http::{Request, Response};
-use http_body_util::BodyExt;
 
 use super::{errors::ForwardError, forward::BoxFuture, Forward, RelayBody};
 use crate::{
