@@ -475,12 +475,13 @@ async fn embedded_forward_request() {
         .header("fly-src-optin", "*")
         .body(body)
         .unwrap();
-    let (resp, secrets) = tokio::spawn(async move { forward_request(&cfg, req).await })
+    let f = tokio::spawn(async move { forward_request(&cfg, req).await })
         .await
         .unwrap()
         .unwrap();
-    assert_eq!((resp.status().as_u16(), secrets), (200, 1));
-    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "hi");
+    assert_eq!((f.response.status().as_u16(), f.secrets), (200, 1));
+    assert_eq!(f.injected.0.len(), 1, "the injected token is reported for redaction");
+    assert_eq!(f.response.into_body().collect().await.unwrap().to_bytes(), "hi");
     assert_eq!(up.last().headers["x-api-key"], "sk-emb");
     assert_no_proxy_headers(&up.last());
 }
