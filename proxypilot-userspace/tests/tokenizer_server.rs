@@ -480,8 +480,15 @@ async fn embedded_forward_request() {
         .unwrap()
         .unwrap();
     assert_eq!((f.response.status().as_u16(), f.secrets), (200, 1));
-    assert_eq!(f.injected.0.len(), 1, "the injected token is reported for redaction");
-    assert_eq!(f.response.into_body().collect().await.unwrap().to_bytes(), "hi");
+    assert_eq!(
+        f.injected.0.len(),
+        1,
+        "the injected token is reported for redaction"
+    );
+    assert_eq!(
+        f.response.into_body().collect().await.unwrap().to_bytes(),
+        "hi"
+    );
     assert_eq!(up.last().headers["x-api-key"], "sk-emb");
     assert_no_proxy_headers(&up.last());
 }

@@ -59,12 +59,14 @@ impl Plan {
     fn new(quick: bool) -> Plan {
         if quick {
             Plan {
-                warmup: Duration::from_millis(300),
-                duration: Duration::from_millis(1500),
-                newconn: Duration::from_millis(1500),
-                sse_iterations: 50,
+                warmup: Duration::from_millis(200),
+                duration: Duration::from_millis(1000),
+                newconn: Duration::from_millis(1000),
+                sse_iterations: 20,
                 download_bytes: 100_000_000,
-                idle_conns: 1000,
+                // mitmproxy opens ~50 TLS connections/s here: 1,000 would
+                // take 20 s alone.
+                idle_conns: 250,
                 mints: 30,
             }
         } else {
@@ -72,7 +74,7 @@ impl Plan {
                 warmup: Duration::from_secs(1),
                 duration: Duration::from_secs(5),
                 newconn: Duration::from_secs(4),
-                sse_iterations: 300,
+                sse_iterations: 100,
                 download_bytes: 100_000_000,
                 idle_conns: 1000,
                 mints: 200,
@@ -133,7 +135,14 @@ fn main() {
         &net,
         "bench-remote",
         Tokenizer::Remote,
-        &["--listen", "127.0.0.1:15444", "--listen", "[::1]:15444"],
+        &[
+            "--listen",
+            "127.0.0.1:15444",
+            "--listen",
+            "[::1]:15444",
+            "--info-port",
+            "15481",
+        ],
     );
     let real_key = net.apis.keys().anthropic.clone();
     let mut cols = vec![
@@ -195,6 +204,7 @@ fn main() {
     for &n in &LEVELS {
         for c in &cols {
             let cpu0 = c.cpu_ticks();
+            let perf = (n == 16).then(|| perf_record(c)).flatten();
             let r = c.run(
                 &net,
                 Mode::KeepAlive {
@@ -205,6 +215,13 @@ fn main() {
                 },
             );
             let cpu = (c.cpu_ticks() - cpu0) as f64 / ticks;
+            if let Some(mut p) = perf {
+                // SIGINT makes perf write its file.
+                let _ = Command::new("kill")
+                    .args(["-INT", &p.id().to_string()])
+                    .status();
+                let _ = p.wait();
+            }
             net.apis.clear_requests();
             let Some(r) = r else { continue };
             eprintln!(
@@ -533,6 +550,28 @@ impl<'a> Column<'a> {
     fn rss_kib(&self) -> u64 {
         self.pids.iter().map(|&p| proc_rss_kib(p)).sum()
     }
+}
+
+/// With `PROXYPILOT_BENCH_PERF=DIR`, samples the column's proxy processes
+/// (`perf record -e cpu-clock -g`) into DIR/<column>.perf.data while the
+/// 16-connection keep-alive run goes.
+fn perf_record(c: &Column) -> Option<Child> {
+    let dir = PathBuf::from(std::env::var_os("PROXYPILOT_BENCH_PERF")?);
+    if c.pids.is_empty() {
+        return None;
+    }
+    fs::create_dir_all(&dir).ok()?;
+    let pids: Vec<String> = c.pids.iter().map(u32::to_string).collect();
+    let child = Command::new("perf")
+        .args(["record", "-q", "-e", "cpu-clock", "-F", "1999", "-g", "-o"])
+        .arg(dir.join(format!("{}.perf.data", c.name)))
+        .args(["-p", &pids.join(",")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    thread::sleep(Duration::from_millis(300));
+    Some(child)
 }
 
 /// utime + stime of a process (all its threads), in clock ticks.

@@ -21,7 +21,10 @@ const DEST6: &str = "2001:db8::10";
 fn attach_with_echo(cg: &TestCgroup, allowed: Vec<AllowRule>) -> (Arc<Attachment>, OriginEcho) {
     let listeners = OriginEcho::bind();
     let policy = test_policy(
-        &[listeners.0.local_addr().unwrap(), listeners.1.local_addr().unwrap()],
+        &[
+            listeners.0.local_addr().unwrap(),
+            listeners.1.local_addr().unwrap(),
+        ],
         allowed,
     );
     let attachment = Arc::new(Attachment::attach(cg.path(), &policy).expect("attach"));
@@ -354,7 +357,10 @@ fn policy_updates_apply_while_running() {
     let cg = TestCgroup::new("update");
     let listeners = OriginEcho::bind();
     let mut policy = test_policy(
-        &[listeners.0.local_addr().unwrap(), listeners.1.local_addr().unwrap()],
+        &[
+            listeners.0.local_addr().unwrap(),
+            listeners.1.local_addr().unwrap(),
+        ],
         vec![],
     );
     let attachment = Arc::new(Attachment::attach(cg.path(), &policy).unwrap());

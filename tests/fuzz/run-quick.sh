@@ -9,7 +9,8 @@
 #
 # Needs the rustup nightly toolchain (cargo-fuzz builds with -Zsanitizer);
 # installs cargo-fuzz if it is missing. Build output goes to
-# $CARGO_TARGET_DIR (default: <repo>/target/fuzz).
+# $CARGO_TARGET_DIR (default: <repo>/target/fuzz). The eBPF programs are
+# not built (PROXYPILOT_EBPF_PLACEHOLDER=1), so no BPF toolchain is needed.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -29,6 +30,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target/fuzz}
+# The targets never load the eBPF programs: skip building them (and the
+# BPF toolchain they need); see proxypilot-userspace/build.rs.
+export PROXYPILOT_EBPF_PLACEHOLDER=${PROXYPILOT_EBPF_PLACEHOLDER:-1}
 cd "$root"
 
 start=$(date +%s)

@@ -187,7 +187,10 @@ pub fn proxypilot_bin() -> PathBuf {
 
 /// The kernel policy the tests use: port 443 intercepted to `listeners`,
 /// `allowed` passing, and this test process (outside the sandbox) exempt.
-pub fn test_policy(listeners: &[SocketAddr], allowed: Vec<proxypilot::kernel::AllowRule>) -> proxypilot::kernel::KernelPolicy {
+pub fn test_policy(
+    listeners: &[SocketAddr],
+    allowed: Vec<proxypilot::kernel::AllowRule>,
+) -> proxypilot::kernel::KernelPolicy {
     let own = cgroup::cgroup_of("self").unwrap();
     let mut policy = proxypilot::kernel::KernelPolicy {
         intercept_ports: vec![443],

@@ -251,7 +251,14 @@ pub fn sandbox_env(ca: &std::path::Path) -> Vec<(String, String)> {
 /// `proxypilot run` (the local shape) with the real keys in its own
 /// environment and `--secret` for each API, running `cmd`.
 pub fn local_run(net: &FakeInternet, extra: &[&str], cmd: &[&str]) -> SandboxCommand {
-    let mut args = vec!["--secret", "ANTHROPIC_API_KEY", "--secret", "OPENAI_API_KEY", "--secret", "GH_TOKEN"];
+    let mut args = vec![
+        "--secret",
+        "ANTHROPIC_API_KEY",
+        "--secret",
+        "OPENAI_API_KEY",
+        "--secret",
+        "GH_TOKEN",
+    ];
     args.extend_from_slice(extra);
     local_run_with(net, &args, cmd)
 }

@@ -10,7 +10,8 @@
 //! - GitHub: `Authorization: token K` or `Bearer K`.
 //!
 //! Every host also serves generic endpoints for the relay tests: `/echo`,
-//! `/echo-body`, `/bytes?n=N`, `/sse?n=N&gap_ms=M` and `/echo-secret`.
+//! `/echo-body`, `/bytes?n=N`, `/sse?n=N&gap_ms=M`, `/echo-secret` and
+//! `/reset-after?n=N` (N bytes of 2N announced, then the connection aborts).
 //! Every request is recorded (see [`FakeApis::requests`]).
 //!
 //! Streaming responses (Anthropic, OpenAI, `/sse`) pass each event through
@@ -409,6 +410,8 @@ async fn serve(
         let Ok((tcp, peer)) = l.accept().await else {
             continue;
         };
+        // Real APIs answer without waiting for the client's delayed ACK.
+        let _ = tcp.set_nodelay(true);
         let local = tcp.local_addr().unwrap();
         let (acceptor, name, state) = (acceptor.clone(), name.clone(), state.clone());
         tokio::spawn(async move {
@@ -484,6 +487,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn, state: &Arc<State>) -> Resp
         "/bytes" => bytes_response(query.get("n").and_then(|n| n.parse().ok()).unwrap_or(0)),
         "/sse" => generic_sse(state, &query),
         "/echo-secret" => echo_secret(h),
+        "/reset-after" => reset_after(query.get("n").and_then(|n| n.parse().ok()).unwrap_or(0)),
         _ => {
             // The API endpoints read the whole (small) body first.
             let bytes = match Limited::new(body, 8 << 20).collect().await {
@@ -969,6 +973,42 @@ fn echo_secret(h: &HeaderMap) -> Response<Body> {
         r.headers_mut().insert("x-echo-x-api-key", v);
     }
     r
+}
+
+/// `/reset-after?n=N` (fault tests): announces 2N bytes, sends N pattern
+/// bytes, then fails the body so hyper aborts the connection mid-stream.
+fn reset_after(n: u64) -> Response<Body> {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, io::Error>>(2);
+    tokio::spawn(async move {
+        let chunk: Vec<u8> = (0..n).map(pattern_byte).collect();
+        let _ = tx.send(Ok(Bytes::from(chunk))).await;
+        // Let the bytes reach the client before the reset.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = tx
+            .send(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "reset-after",
+            )))
+            .await;
+    });
+    let mut r = Response::new(ResetBody(rx).boxed());
+    r.headers_mut()
+        .insert("content-length", hv(&(2 * n).to_string()));
+    r
+}
+
+struct ResetBody(mpsc::Receiver<Result<Bytes, io::Error>>);
+
+impl http_body::Body for ResetBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
+    }
 }
 
 // ---------- helpers ----------

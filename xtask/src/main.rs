@@ -33,6 +33,14 @@ enum Task {
     /// The original README's transcript, offline: fake APIs in a private
     /// network namespace, the example scripts under `proxypilot run`.
     Demo,
+    /// Drive 1,000,000 requests through a sidecar, with clients dying
+    /// mid-request, and report RSS, fds and map entries before and after
+    /// (as root; not run in CI). Arguments go to the soak binary, e.g.
+    /// `--requests 100000`.
+    Soak {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks that compare things in one run and print the ratios (as root).
     Bench {
         /// Which benchmark: `all` (the default: the side-by-side table of
@@ -73,6 +81,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
+        Task::Soak { args } => soak(&args),
         Task::Bench { which, quick } => bench(&which, quick),
     };
     match result {
@@ -171,6 +180,16 @@ fn test(args: &[String]) -> Result<()> {
     run(Command::new("cargo")
         .current_dir(&root)
         .arg("test")
+        .args(args))
+}
+
+fn soak(args: &[String]) -> Result<()> {
+    let root = workspace_root();
+    // Release binaries: the soak measures the sidecar as shipped.
+    run(Command::new("cargo").current_dir(&root).args(["build", "--release", "--bins"]))?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["run", "--release", "--quiet", "-p", "proxypilot-tests", "--bin", "soak", "--"])
         .args(args))
 }
 

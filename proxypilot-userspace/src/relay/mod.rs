@@ -320,16 +320,43 @@ pub async fn serve<F>(listener: TcpListener, relay: Arc<Relay>, origin_of: F)
 where
     F: Fn(SocketAddr) -> Option<OriginalDestination> + Send + Sync + 'static,
 {
+    // One spare descriptor, given up when the process runs out of them
+    // (EMFILE/ENFILE) so the waiting connection can be accepted and closed
+    // at once: without it, connections queued in the backlog would sit there
+    // unanswered (a client-side hang) until descriptors came back. Found by
+    // the fd-exhaustion fault test (tests/e2e/faults.rs).
+    let mut reserve = std::fs::File::open("/dev/null").ok();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
+            Err(e) if is_out_of_fds(&e) && reserve.is_some() => {
+                drop(reserve.take());
+                // Never wait here: with the spare given up, a blocked accept
+                // would keep it given up.
+                let ready = std::future::poll_fn(|cx| match listener.poll_accept(cx) {
+                    std::task::Poll::Pending => std::task::Poll::Ready(None),
+                    std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+                })
+                .await;
+                if let Some(Ok((shed, peer))) = ready {
+                    let _ = origin_of(peer); // consume the kernel's record
+                    tracing::warn!(%peer, verdict = "deny", reason = "out of file descriptors", "closing connection");
+                    drop(shed);
+                }
+                reserve = std::fs::File::open("/dev/null").ok();
+                continue;
+            }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::error!(error = %e, "accept failed; retrying");
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                reserve = reserve.or_else(|| std::fs::File::open("/dev/null").ok());
                 continue;
             }
         };
+        if reserve.is_none() {
+            reserve = std::fs::File::open("/dev/null").ok();
+        }
         let origin = origin_of(peer);
         let Some(permit) = relay.try_admit() else {
             tracing::warn!(%peer, max = relay.limits.max_connections, verdict = "deny", reason = "too many concurrent connections", "closing connection");
@@ -341,4 +368,8 @@ where
             drop(permit);
         });
     }
+}
+
+fn is_out_of_fds(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }

@@ -90,6 +90,16 @@ impl FromStr for SecretSpec {
         if format.matches("%s").count() != 1 || format.replace("%s", "").contains('%') {
             return Err(err("FORMAT must contain exactly one %s and no other %"));
         }
+        // FORMAT ends up in a header value (and in the Proxy-Tokenizer
+        // params the relay builds): DEL there made the relay panic on every
+        // request using this header (tests/fuzz/regressions/
+        // config-secret-del-format), and the tokenizer refuses non-ASCII.
+        // Printable ASCII only.
+        if !format.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(err(
+                "FORMAT must be printable ASCII (it becomes part of a header value)",
+            ));
+        }
         Ok(SecretSpec {
             var: var.to_string(),
             host,

@@ -39,6 +39,8 @@ pub const META_FILE: &str = "ca-meta.json";
 const CA_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Re-issue when less than this is left, so leaves never outlive the CA.
 const CA_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Leaves are valid from this long before they are minted.
+pub const LEAF_BACKDATE: Duration = Duration::from_secs(300);
 /// Permitted when no host is intercepted: an empty permitted list would make
 /// rcgen drop the extension entirely, i.e. an unconstrained CA.
 const NOTHING_HOST: &str = "proxypilot.invalid";
@@ -229,26 +231,46 @@ impl CertAuthority {
 
     /// Signs a leaf for `host`, which must be one of the CA's hosts.
     pub fn issue_leaf(&self, host: &str, lifetime: Duration) -> Result<IssuedLeaf, CaError> {
+        self.issue_leaf_at(host, lifetime, SystemTime::now())
+    }
+
+    /// [`Self::issue_leaf`] with the current time given (the leaf cache's
+    /// clock seam, so tests can skew the clock).
+    pub fn issue_leaf_at(
+        &self,
+        host: &str,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedLeaf, CaError> {
         if !self.hosts.iter().any(|h| h == host) {
             return Err(CaError::NotPermitted {
                 host: host.to_string(),
                 allowed: self.hosts.clone(),
             });
         }
-        self.issue_leaf_any(host, lifetime)
+        self.issue_leaf_any_at(host, lifetime, now)
     }
 
     /// Signs a leaf for any name, inside the constraint or not. Only for
     /// proving that the constraint holds; the relay uses `issue_leaf`.
     pub fn issue_leaf_any(&self, host: &str, lifetime: Duration) -> Result<IssuedLeaf, CaError> {
-        let now = OffsetDateTime::now_utc();
+        self.issue_leaf_any_at(host, lifetime, SystemTime::now())
+    }
+
+    fn issue_leaf_any_at(
+        &self,
+        host: &str,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedLeaf, CaError> {
+        let now = OffsetDateTime::from(now);
         let not_after = now + lifetime;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, host);
         params.subject_alt_names = vec![SanType::DnsName(host.try_into()?)];
         // Five minutes of slack for clients whose clock is a little behind.
-        params.not_before = now - Duration::from_secs(300);
+        params.not_before = now - LEAF_BACKDATE;
         params.not_after = not_after;
         params.serial_number = Some(random_serial());
         params.is_ca = IsCa::ExplicitNoCa;
@@ -375,9 +397,17 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
         .create_new(true)
         .mode(mode)
         .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
+    let written = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        // A full disk (ENOSPC) fails the write: remove the half-written
+        // temporary file instead of leaving partial key material behind
+        // (the disk-full fault test in tests/e2e/faults.rs checks this).
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 #[cfg(test)]

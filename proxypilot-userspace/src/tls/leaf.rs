@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use super::ca::{CaError, CertAuthority};
+use super::ca::{CaError, CertAuthority, LEAF_BACKDATE};
 
 /// Leaves live this long by default: short, so a leaked leaf key expires soon.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(6 * 3600);
@@ -32,8 +32,13 @@ struct Minted {
 }
 
 impl Minted {
-    /// Renew once less than a third of the lifetime is left.
+    /// Renew once less than a third of the lifetime is left, or when the
+    /// clock went back before the leaf's notBefore (minted_at minus the
+    /// backdating): clients on this machine would see it as not yet valid.
     fn fresh(&self, now: SystemTime) -> bool {
+        if now + LEAF_BACKDATE < self.minted_at {
+            return false;
+        }
         let total = self
             .not_after
             .duration_since(self.minted_at)
@@ -56,6 +61,8 @@ pub struct LeafCache {
     slots: Mutex<HashMap<String, (Slot, u64)>>,
     clock: AtomicU64,
     mints: AtomicU64,
+    /// The current time: `SystemTime::now` except in tests, which skew it.
+    now: fn() -> SystemTime,
 }
 
 impl LeafCache {
@@ -67,7 +74,15 @@ impl LeafCache {
             slots: Mutex::new(HashMap::new()),
             clock: AtomicU64::new(0),
             mints: AtomicU64::new(0),
+            now: SystemTime::now,
         }
+    }
+
+    /// Replaces the clock (the seam for clock-skew tests).
+    #[cfg(test)]
+    fn with_clock(mut self, now: fn() -> SystemTime) -> Self {
+        self.now = now;
+        self
     }
 
     pub fn ca(&self) -> &Arc<CertAuthority> {
@@ -85,15 +100,16 @@ impl LeafCache {
         let slot = self.slot(host);
         let mut guard = slot.lock().await;
         if let Some(m) = guard.as_ref() {
-            if m.fresh(SystemTime::now()) {
+            if m.fresh((self.now)()) {
                 return Ok(m.key.clone());
             }
         }
         let ca = self.ca.clone();
         let lifetime = self.lifetime;
         let h = host.to_string();
+        let now = (self.now)();
         // Key generation and signing are CPU work; keep them off the reactor.
-        let minted = tokio::task::spawn_blocking(move || mint(&ca, &h, lifetime))
+        let minted = tokio::task::spawn_blocking(move || mint(&ca, &h, lifetime, now))
             .await
             .map_err(|e| LeafError::Task(e.to_string()))??;
         self.mints.fetch_add(1, Ordering::Relaxed);
@@ -135,14 +151,19 @@ impl LeafCache {
     }
 }
 
-fn mint(ca: &CertAuthority, host: &str, lifetime: Duration) -> Result<Minted, LeafError> {
-    let leaf = ca.issue_leaf(host, lifetime)?;
+fn mint(
+    ca: &CertAuthority,
+    host: &str,
+    lifetime: Duration,
+    now: SystemTime,
+) -> Result<Minted, LeafError> {
+    let leaf = ca.issue_leaf_at(host, lifetime, now)?;
     let signing = crate::tls::provider()
         .key_provider
         .load_private_key(leaf.key)?;
     Ok(Minted {
         key: Arc::new(CertifiedKey::new(vec![leaf.cert], signing)),
-        minted_at: SystemTime::now(),
+        minted_at: now,
         not_after: leaf.not_after,
     })
 }
@@ -197,6 +218,87 @@ mod tests {
         let renewed = c.get("a.test").await.unwrap();
         assert!(!Arc::ptr_eq(&first, &renewed));
         assert_eq!(c.mints(), 2);
+    }
+
+    /// Seconds added to the real clock by [`skewed_now`] (clock-skew tests;
+    /// one test uses it, so no other test sees it change).
+    static SKEW: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+    fn skewed_now() -> SystemTime {
+        let s = SKEW.load(Ordering::SeqCst);
+        let d = Duration::from_secs(s.unsigned_abs());
+        if s >= 0 {
+            SystemTime::now() + d
+        } else {
+            SystemTime::now() - d
+        }
+    }
+
+    /// Whether a client whose clock reads [`skewed_now`] accepts `key` for
+    /// `host` (chain to the CA, name, and validity at that time).
+    fn valid_now(ca: &CertAuthority, key: &CertifiedKey, host: &str) -> Result<(), rustls::Error> {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::pki_types::{ServerName, UnixTime};
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.ca_der()).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            crate::tls::provider(),
+        )
+        .build()
+        .unwrap();
+        let at = skewed_now().duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        verifier
+            .verify_server_cert(
+                &key.cert[0],
+                &[],
+                &ServerName::try_from(host.to_string()).unwrap(),
+                &[],
+                UnixTime::since_unix_epoch(at),
+            )
+            .map(|_| ())
+    }
+
+    /// Fault injection (issue 8): the clock jumps across a leaf's expiry and
+    /// back. Every leaf served must be valid at the time the clock shows.
+    #[tokio::test]
+    async fn clock_skew_across_expiry_remints_and_never_serves_an_invalid_leaf() {
+        let host = "api.example.com";
+        let ca = Arc::new(CertAuthority::ephemeral(&[host.to_string()]).unwrap());
+        let c = LeafCache::new(ca.clone(), DEFAULT_LIFETIME, 4).with_clock(skewed_now);
+        let first = c.get(host).await.unwrap();
+        valid_now(&ca, &first, host).unwrap();
+        assert_eq!(c.mints(), 1);
+
+        // Forward past expiry (6 h lifetime): re-minted, valid then.
+        SKEW.store(7 * 3600, Ordering::SeqCst);
+        assert!(
+            valid_now(&ca, &first, host).is_err(),
+            "the old leaf expired"
+        );
+        let later = c.get(host).await.unwrap();
+        assert!(!Arc::ptr_eq(&first, &later));
+        valid_now(&ca, &later, host).unwrap();
+        assert_eq!(c.mints(), 2);
+        // Served from the cache while the skewed clock holds.
+        assert!(Arc::ptr_eq(&later, &c.get(host).await.unwrap()));
+        assert_eq!(c.mints(), 2);
+
+        // Back to the real time: `later` is from the future (notBefore is
+        // 7 h ahead). Serving it would fail every client; it is re-minted.
+        SKEW.store(0, Ordering::SeqCst);
+        assert!(valid_now(&ca, &later, host).is_err());
+        let back = c.get(host).await.unwrap();
+        valid_now(&ca, &back, host).unwrap();
+        assert_eq!(c.mints(), 3);
+
+        // A small step back, inside the backdating, keeps the cached leaf.
+        SKEW.store(-60, Ordering::SeqCst);
+        let same = c.get(host).await.unwrap();
+        assert!(Arc::ptr_eq(&back, &same));
+        valid_now(&ca, &same, host).unwrap();
+        assert_eq!(c.mints(), 3);
+        SKEW.store(0, Ordering::SeqCst);
     }
 
     #[tokio::test]
