@@ -186,10 +186,21 @@ fn test(args: &[String]) -> Result<()> {
 fn soak(args: &[String]) -> Result<()> {
     let root = workspace_root();
     // Release binaries: the soak measures the sidecar as shipped.
-    run(Command::new("cargo").current_dir(&root).args(["build", "--release", "--bins"]))?;
     run(Command::new("cargo")
         .current_dir(&root)
-        .args(["run", "--release", "--quiet", "-p", "proxypilot-tests", "--bin", "soak", "--"])
+        .args(["build", "--release", "--bins"]))?;
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "proxypilot-tests",
+            "--bin",
+            "soak",
+            "--",
+        ])
         .args(args))
 }
 

@@ -166,9 +166,17 @@ impl<B> ReplaceBody<B> {
                 c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        // Only the last plen-1 bytes can start an occurrence that the next
-        // chunk completes.
-        let keep_from = i.max(buf.len().saturating_sub(plen - 1));
+        // Hold back only a tail that could start an occurrence the next
+        // chunk completes: the longest suffix that is a proper prefix of the
+        // needle. Holding back more would delay streamed events (SSE) until
+        // the next chunk arrives.
+        let needle = self.finder.needle();
+        let max_k = (plen - 1).min(buf.len() - i);
+        let k = (1..=max_k)
+            .rev()
+            .find(|&k| buf[buf.len() - k..] == needle[..k])
+            .unwrap_or(0);
+        let keep_from = buf.len() - k;
         out.extend_from_slice(&buf[i..keep_from]);
         self.carry = buf[keep_from..].to_vec();
         Bytes::from(out)
@@ -271,6 +279,24 @@ mod tests {
         assert_eq!(run(&[], ph, "T").await, "");
         // The replacement is not rescanned.
         assert_eq!(run(&["PP"], "P", "PP").await, "PPPP");
+    }
+
+    #[tokio::test]
+    async fn holds_back_only_a_possible_start_of_the_needle() {
+        let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"data: one\n\n"))),
+            Ok(Frame::data(Bytes::from_static(b"data: tw{{ACC"))),
+        ];
+        let mut rb = ReplaceBody::new(
+            StreamBody::new(futures_util::stream::iter(frames)),
+            b"{{ACCESS_TOKEN}}".to_vec(),
+            Zeroizing::new(b"T".to_vec()),
+        );
+        // A whole SSE event goes out at once: nothing in it can start the needle.
+        let first = rb.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "data: one\n\n");
+        let second = rb.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(second, "data: tw", "only the possible start is held");
     }
 
     #[tokio::test]
