@@ -42,7 +42,7 @@ fn the_offline_demo_reproduces_the_original_transcript() {
         "GH_TOKEN=dummy",
         "OPENAI_API_KEY=dummy",
         r#""type":"message""#,
-        r#""object": "response""#,
+        r#""object":"response""#,
         "Logged in to github.com as proxypilot-test (GH_TOKEN)",
         "api.anthropic.com POST /v1/messages  x-api-key: <the real key>",
         "api.openai.com POST /v1/responses  authorization: <the real key>",

@@ -177,9 +177,10 @@ fn test(args: &[String]) -> Result<()> {
     run(Command::new("cargo")
         .current_dir(&root)
         .args(["build", "--bins"]))?;
+    // Every test binary runs even after a failure, so one run reports all.
     run(Command::new("cargo")
         .current_dir(&root)
-        .arg("test")
+        .args(["test", "--no-fail-fast"])
         .args(args))
 }
 
