@@ -204,6 +204,7 @@ fn main() {
     for &n in &LEVELS {
         for c in &cols {
             let cpu0 = c.cpu_ticks();
+            let others0 = client_and_upstream_cpu();
             let perf = (n == 16).then(|| perf_record(c)).flatten();
             let r = c.run(
                 &net,
@@ -215,6 +216,7 @@ fn main() {
                 },
             );
             let cpu = (c.cpu_ticks() - cpu0) as f64 / ticks;
+            let others = (client_and_upstream_cpu() - others0).as_secs_f64();
             if let Some(mut p) = perf {
                 // SIGINT makes perf write its file.
                 let _ = Command::new("kill")
@@ -249,7 +251,23 @@ fn main() {
                 c.name,
                 r.p99_us,
             );
+            if n == 16 && r.total > 0 {
+                table.set(
+                    "client + upstream CPU µs/request",
+                    "µs",
+                    Better::Lower,
+                    c.name,
+                    others / r.total as f64 * 1e6,
+                );
+            }
             if n == 16 && !c.pids.is_empty() && r.total > 0 {
+                table.set(
+                    "proxy CPU µs/request",
+                    "µs",
+                    Better::Lower,
+                    c.name,
+                    cpu / r.total as f64 * 1e6,
+                );
                 table.set(
                     "CPU s per 10k requests",
                     "s",
@@ -575,6 +593,26 @@ fn perf_record(c: &Column) -> Option<Child> {
 }
 
 /// utime + stime of a process (all its threads), in clock ticks.
+/// CPU time of the fake upstream (threads of this process) plus every
+/// client process reaped so far (the load generator and its wrappers).
+/// The keep-alive rows take its difference around one run: on a machine
+/// whose cores client, upstream and proxy share, a proxy that costs as
+/// much CPU per request as client and upstream together can reach at most
+/// 0.5× direct.
+fn client_and_upstream_cpu() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let usage = |who| {
+        let Ok(u) = getrusage(who) else {
+            return Duration::ZERO;
+        };
+        let tv = |t: nix::sys::time::TimeVal| {
+            Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000)
+        };
+        tv(u.user_time()) + tv(u.system_time())
+    };
+    usage(UsageWho::RUSAGE_SELF) + usage(UsageWho::RUSAGE_CHILDREN)
+}
+
 fn proc_cpu_ticks(pid: u32) -> u64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised comm; utime and stime are 14 and 15.
@@ -898,6 +936,28 @@ fn verdicts(t: &Table, full: bool) -> Vec<Value> {
                     p99 - d99
                 ),
                 (main && n == 16 && full).then_some(p99 - d99 <= 1000.0),
+            );
+        }
+    }
+    for col in ["embedded", "remote"] {
+        let cpu = |row: &str| t.get(row, col);
+        if let (Some(proxy), Some(others)) = (
+            cpu("proxy CPU µs/request"),
+            cpu("client + upstream CPU µs/request"),
+        ) {
+            // Client, upstream and proxy share this machine's cores, so the
+            // best ratio to direct is others / (others + proxy) scaled by
+            // direct's own client + upstream cost; printed, not judged.
+            let direct = t
+                .get("client + upstream CPU µs/request", "direct")
+                .unwrap_or(others);
+            push(
+                format!(
+                    "{col} proxy CPU per request = {:.2}× direct's client + upstream ({proxy:.0} µs vs {direct:.0} µs): on shared cores that caps throughput near {:.2}× direct",
+                    proxy / direct,
+                    direct / (direct + proxy)
+                ),
+                None,
             );
         }
     }

@@ -253,7 +253,14 @@ fn sigkill_under_load_fails_closed_then_a_new_sidecar_takes_over_the_pinned_prog
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                counts.lock().unwrap().push(attached_programs(&cg).len());
+                // Distinct programs: during a takeover the new copy is
+                // attached before the old one goes, so 8..14 links is
+                // fine; fewer than 7 distinct programs is a gap.
+                let names: std::collections::BTreeSet<String> = attached_programs(&cg)
+                    .iter()
+                    .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+                    .collect();
+                counts.lock().unwrap().push(names.len());
                 thread::sleep(Duration::from_millis(20));
             }
         })
@@ -304,7 +311,7 @@ fn sigkill_under_load_fails_closed_then_a_new_sidecar_takes_over_the_pinned_prog
     assert!(counts.len() >= 3, "{counts:?}");
     assert!(
         counts.iter().all(|n| *n == 7),
-        "attached programs were not 7 throughout: {counts:?}"
+        "some of the 7 programs were missing at times (distinct programs per sample): {counts:?}"
     );
     assert_eq!(attached_programs(&cg).len(), 7);
     assert_no_dummy_reached_upstream(&net);

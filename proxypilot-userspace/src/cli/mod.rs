@@ -12,6 +12,18 @@ pub mod tokenizer;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+/// Resolves on SIGTERM (how containers are stopped) or SIGINT, so the
+/// long-running commands return from `main` and flush their logs.
+pub(crate) async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
 /// Keep real API keys out of sandboxes.
 ///
 /// proxypilot attaches eBPF programs to a sandbox's cgroup: the sandbox's

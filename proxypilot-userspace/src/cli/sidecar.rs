@@ -65,7 +65,7 @@ pub async fn run(args: SidecarArgs) -> Result<ExitCode> {
     }
     tracing::info!("proxypilot sidecar ready");
 
-    wait_for_shutdown().await;
+    super::shutdown_signal().await;
     tracing::info!(
         "stopping; the programs stay attached so the sandbox stays closed \
          (`proxypilot detach --cgroup {}` removes them)",
@@ -73,14 +73,4 @@ pub async fn run(args: SidecarArgs) -> Result<ExitCode> {
     );
     drop(sidecar);
     Ok(ExitCode::SUCCESS)
-}
-
-async fn wait_for_shutdown() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

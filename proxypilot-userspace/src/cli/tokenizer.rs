@@ -101,7 +101,7 @@ pub async fn run(args: TokenizerArgs) -> anyhow::Result<ExitCode> {
     );
     tokio::select! {
         r = serve(listener, config) => r?,
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = super::shutdown_signal() => tracing::info!("shutting down"),
     }
     Ok(ExitCode::SUCCESS)
 }

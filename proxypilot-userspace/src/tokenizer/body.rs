@@ -134,10 +134,24 @@ pub struct ReplaceBody<B> {
 
 impl<B> ReplaceBody<B> {
     pub fn new(inner: B, placeholder: Vec<u8>, token: Zeroizing<Vec<u8>>) -> Self {
-        assert!(!placeholder.is_empty(), "empty placeholder");
+        Self::with_finder(
+            inner,
+            memchr::memmem::Finder::new(&placeholder).into_owned(),
+            token,
+        )
+    }
+
+    /// Like `new`, reusing a searcher the caller already built (building
+    /// one costs more than scanning a small response).
+    pub fn with_finder(
+        inner: B,
+        finder: memchr::memmem::Finder<'static>,
+        token: Zeroizing<Vec<u8>>,
+    ) -> Self {
+        assert!(!finder.needle().is_empty(), "empty placeholder");
         ReplaceBody {
             inner,
-            finder: memchr::memmem::Finder::new(&placeholder).into_owned(),
+            finder,
             token,
             carry: Vec::new(),
             trailers: None,
@@ -152,9 +166,16 @@ impl<B> ReplaceBody<B> {
         self
     }
 
-    fn feed(&mut self, data: &[u8]) -> Bytes {
+    fn feed(&mut self, data: Bytes) -> Bytes {
+        // The common case, no occurrence and nothing carried over: pass the
+        // chunk on without copying it.
+        if self.carry.is_empty() && self.finder.find(&data).is_none() {
+            let k = self.partial_needle_suffix(&data);
+            self.carry = data[data.len() - k..].to_vec();
+            return data.slice(..data.len() - k);
+        }
         let mut buf = std::mem::take(&mut self.carry);
-        buf.extend_from_slice(data);
+        buf.extend_from_slice(&data);
         let plen = self.finder.needle().len();
         let mut out = Vec::with_capacity(buf.len());
         let mut i = 0;
@@ -166,20 +187,24 @@ impl<B> ReplaceBody<B> {
                 c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        // Hold back only a tail that could start an occurrence the next
-        // chunk completes: the longest suffix that is a proper prefix of the
-        // needle. Holding back more would delay streamed events (SSE) until
-        // the next chunk arrives.
-        let needle = self.finder.needle();
-        let max_k = (plen - 1).min(buf.len() - i);
-        let k = (1..=max_k)
-            .rev()
-            .find(|&k| buf[buf.len() - k..] == needle[..k])
-            .unwrap_or(0);
+        let k = self.partial_needle_suffix(&buf[i..]);
         let keep_from = buf.len() - k;
         out.extend_from_slice(&buf[i..keep_from]);
         self.carry = buf[keep_from..].to_vec();
         Bytes::from(out)
+    }
+
+    /// How many bytes at the end of `tail` to hold back: the longest suffix
+    /// that is a proper prefix of the needle, which the next chunk could
+    /// complete. Holding back more would delay streamed events (SSE) until
+    /// the next chunk arrives.
+    fn partial_needle_suffix(&self, tail: &[u8]) -> usize {
+        let needle = self.finder.needle();
+        let max_k = (needle.len() - 1).min(tail.len());
+        (1..=max_k)
+            .rev()
+            .find(|&k| tail[tail.len() - k..] == needle[..k])
+            .unwrap_or(0)
     }
 }
 
@@ -204,7 +229,7 @@ where
             match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
-                        let out = self.feed(&data);
+                        let out = self.feed(data);
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(out))));
                         }
@@ -283,8 +308,9 @@ mod tests {
 
     #[tokio::test]
     async fn holds_back_only_a_possible_start_of_the_needle() {
+        static ONE: &[u8] = b"data: one\n\n";
         let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
-            Ok(Frame::data(Bytes::from_static(b"data: one\n\n"))),
+            Ok(Frame::data(Bytes::from_static(ONE))),
             Ok(Frame::data(Bytes::from_static(b"data: tw{{ACC"))),
         ];
         let mut rb = ReplaceBody::new(
@@ -295,6 +321,11 @@ mod tests {
         // A whole SSE event goes out at once: nothing in it can start the needle.
         let first = rb.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(first, "data: one\n\n");
+        assert_eq!(
+            first.as_ptr(),
+            ONE.as_ptr(),
+            "a clean chunk is passed on, not copied"
+        );
         let second = rb.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(second, "data: tw", "only the possible start is held");
     }

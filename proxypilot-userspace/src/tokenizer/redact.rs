@@ -14,6 +14,7 @@ use std::sync::{
 
 use http::{HeaderValue, Response};
 use http_body_util::BodyExt;
+use memchr::memmem::Finder;
 use zeroize::Zeroizing;
 
 use super::{body::ReplaceBody, engine::InjectedTokens, ProxyBody};
@@ -45,35 +46,35 @@ fn mask(len: usize) -> Zeroizing<Vec<u8>> {
 /// attaches a [`Redactions`] counter.
 pub fn redact_response(resp: Response<ProxyBody>, injected: InjectedTokens) -> Response<ProxyBody> {
     let counter = Redactions::default();
-    let tokens: Vec<Zeroizing<Vec<u8>>> = injected
+    // One searcher per token, shared by the headers and the body.
+    let finders: Vec<Finder<'static>> = injected
         .0
-        .into_iter()
+        .iter()
         .filter(|t| t.len() >= MIN_TOKEN_LEN)
+        .map(|t| Finder::new(t.as_slice()).into_owned())
         .collect();
     let (mut parts, mut body) = resp.into_parts();
-    if !tokens.is_empty() {
-        for value in parts.headers.values_mut() {
-            let mut bytes = value.as_bytes().to_vec();
-            let mut changed = false;
-            for t in &tokens {
-                let finder = memchr::memmem::Finder::new(t.as_slice());
-                while let Some(at) = finder.find(&bytes) {
-                    bytes[at..at + t.len()].copy_from_slice(&mask(t.len()));
-                    counter.0.fetch_add(1, Ordering::Relaxed);
-                    changed = true;
-                }
-            }
-            if changed {
-                if let Ok(v) = HeaderValue::from_bytes(&bytes) {
-                    *value = v;
-                }
+    for value in parts.headers.values_mut() {
+        if !finders.iter().any(|f| f.find(value.as_bytes()).is_some()) {
+            continue;
+        }
+        let mut bytes = value.as_bytes().to_vec();
+        for f in &finders {
+            let len = f.needle().len();
+            while let Some(at) = f.find(&bytes) {
+                bytes[at..at + len].copy_from_slice(&mask(len));
+                counter.0.fetch_add(1, Ordering::Relaxed);
             }
         }
-        for t in &tokens {
-            body = ReplaceBody::new(body, t.to_vec(), mask(t.len()))
-                .with_counter(counter.0.clone())
-                .boxed_unsync();
+        if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+            *value = v;
         }
+    }
+    for f in finders {
+        let m = mask(f.needle().len());
+        body = ReplaceBody::with_finder(body, f, m)
+            .with_counter(counter.0.clone())
+            .boxed_unsync();
     }
     parts.extensions.insert(counter);
     Response::from_parts(parts, body)
