@@ -595,10 +595,8 @@ fn perf_record(c: &Column) -> Option<Child> {
 /// utime + stime of a process (all its threads), in clock ticks.
 /// CPU time of the fake upstream (threads of this process) plus every
 /// client process reaped so far (the load generator and its wrappers).
-/// The keep-alive rows take its difference around one run: on a machine
-/// whose cores client, upstream and proxy share, a proxy that costs as
-/// much CPU per request as client and upstream together can reach at most
-/// 0.5× direct.
+/// The keep-alive rows take its difference around one run, to show how
+/// much of a column's cost is the proxy's (see `verdicts`).
 fn client_and_upstream_cpu() -> Duration {
     use nix::sys::resource::{getrusage, UsageWho};
     let usage = |who| {
@@ -939,23 +937,23 @@ fn verdicts(t: &Table, full: bool) -> Vec<Value> {
             );
         }
     }
+    // Client, upstream and proxy share this machine's cores and keep them
+    // busy at 16 connections, so throughput goes as 1 / (CPU per request):
+    // the ratio to direct is about direct's client + upstream CPU over the
+    // column's client + upstream + proxy CPU. Printed, not judged; it says
+    // whether a miss is CPU the proxy burns or time it waits.
+    let cu = "client + upstream CPU µs/request";
     for col in ["embedded", "remote"] {
-        let cpu = |row: &str| t.get(row, col);
-        if let (Some(proxy), Some(others)) = (
-            cpu("proxy CPU µs/request"),
-            cpu("client + upstream CPU µs/request"),
+        if let (Some(proxy), Some(others), Some(direct)) = (
+            t.get("proxy CPU µs/request", col),
+            t.get(cu, col),
+            t.get(cu, "direct"),
         ) {
-            // Client, upstream and proxy share this machine's cores, so the
-            // best ratio to direct is others / (others + proxy) scaled by
-            // direct's own client + upstream cost; printed, not judged.
-            let direct = t
-                .get("client + upstream CPU µs/request", "direct")
-                .unwrap_or(others);
             push(
                 format!(
-                    "{col} proxy CPU per request = {:.2}× direct's client + upstream ({proxy:.0} µs vs {direct:.0} µs): on shared cores that caps throughput near {:.2}× direct",
-                    proxy / direct,
-                    direct / (direct + proxy)
+                    "{col} CPU per request: proxy {proxy:.0} µs + client and upstream {others:.0} µs, vs {direct:.0} µs direct: CPU-bound ratio {:.2}× (measured {:.2}×)",
+                    direct / (others + proxy),
+                    ka(col).zip(ka("direct")).map_or(f64::NAN, |(p, d)| p / d),
                 ),
                 None,
             );
