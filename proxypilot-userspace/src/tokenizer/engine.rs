@@ -26,6 +26,10 @@ use super::secret::{compile_host_pattern, AuthRef, BearerAuth, FlySrcAuth, Secre
 const PATTERN_CACHE_MAX: usize = 1024;
 /// Opened secrets kept; beyond this the cache starts over.
 const SECRET_CACHE_MAX: usize = 1024;
+/// Larger sealed secrets are opened every time rather than cached, so the
+/// cache stays small (a few MiB at most) whatever clients send. Real ones
+/// are a few hundred bytes.
+const SECRET_CACHE_MAX_CIPHERTEXT: usize = 4096;
 
 /// An opened secret and its loggable shape.
 type Opened = (Arc<Secret>, Arc<str>);
@@ -167,6 +171,9 @@ impl Engine {
         let secret = super::seal::open_bytes(&self.open_key, &ct)?;
         let shape: Arc<str> = secret.strip_hazmat_string().into();
         let opened = (Arc::new(secret), shape);
+        if ct.len() > SECRET_CACHE_MAX_CIPHERTEXT {
+            return Ok(opened);
+        }
         let mut cache = self.opened.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= SECRET_CACHE_MAX {
             cache.clear();

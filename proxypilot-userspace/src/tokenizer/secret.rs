@@ -541,10 +541,28 @@ impl fmt::Debug for Secret {
 
 /// Compile a host pattern with Go's semantics: `MatchString` is an
 /// unanchored search, and so is `Regex::is_match`.
+/// Longest `allowed_host_pattern` accepted. Host patterns are short; the
+/// cap (with the compiled-size limit below) keeps whoever holds the public
+/// seal key from making the engine's pattern cache hold huge automata.
+pub const MAX_HOST_PATTERN_LEN: usize = 1024;
+/// Compiled size allowed for one host pattern (regex's default is 10 MiB).
+const HOST_PATTERN_SIZE_LIMIT: usize = 256 * 1024;
+
 pub fn compile_host_pattern(p: &str) -> Result<regex::Regex, TokenizerError> {
-    regex::Regex::new(p).map_err(|e| {
-        TokenizerError::BadSecret(format!("allowed_host_pattern does not compile: {e}"))
-    })
+    if p.len() > MAX_HOST_PATTERN_LEN {
+        return Err(TokenizerError::BadSecret(format!(
+            "allowed_host_pattern is {} bytes; at most {MAX_HOST_PATTERN_LEN} are accepted \
+             (list the hosts in allowed_hosts instead)",
+            p.len()
+        )));
+    }
+    regex::RegexBuilder::new(p)
+        .size_limit(HOST_PATTERN_SIZE_LIMIT)
+        .dfa_size_limit(HOST_PATTERN_SIZE_LIMIT)
+        .build()
+        .map_err(|e| {
+            TokenizerError::BadSecret(format!("allowed_host_pattern does not compile: {e}"))
+        })
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {
@@ -627,6 +645,19 @@ mod tests {
         );
         assert!(dbg.contains(r#""key":"REDACTED""#), "{dbg}");
         assert!(dbg.contains(r#""digest":"REDACTED""#), "{dbg}");
+    }
+
+    #[test]
+    fn host_patterns_are_bounded() {
+        assert!(compile_host_pattern(r"^api\.(openai|anthropic)\.com$").is_ok());
+        let long = format!("^({})$", vec!["a.example.com"; 100].join("|"));
+        let e = compile_host_pattern(&long).unwrap_err().to_string();
+        assert!(e.contains("at most 1024"), "{e}");
+        // Short but huge once compiled: refused instead of cached.
+        let e = compile_host_pattern(r"\w{200}\w{200}\w{200}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not compile"), "{e}");
     }
 
     #[test]
