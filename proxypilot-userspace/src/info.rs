@@ -1,5 +1,6 @@
-//! The loopback info server: `GET /ca.pem` (the CA the sandbox must trust)
-//! and `GET /policy` (what is intercepted and allowed; no secrets).
+//! The loopback info server: `GET /ca.pem` (the CA the sandbox must trust),
+//! `GET /policy` (what is intercepted and allowed; no secrets) and
+//! `GET /stats` (counters: open connections, cached leaf certificates).
 //!
 //! The kernel policy lets the sandbox reach this one loopback port.
 
@@ -19,10 +20,12 @@ use tokio::net::TcpListener;
 use crate::policy::PolicySummary;
 
 /// What the info server serves.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct InfoState {
     pub ca_pem: String,
     pub policy: PolicySummary,
+    /// Source of `/stats`; `None` serves an empty object.
+    pub stats: Option<Arc<crate::relay::Relay>>,
 }
 
 /// Binds 127.0.0.1:`port`.
@@ -68,10 +71,18 @@ fn respond(state: &InfoState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             "application/json",
             serde_json::to_string_pretty(&state.policy).expect("summary serialises") + "\n",
         ),
+        (&Method::GET, "/stats") => (
+            StatusCode::OK,
+            "application/json",
+            match &state.stats {
+                Some(relay) => serde_json::to_string_pretty(&relay.stats()).expect("stats serialise"),
+                None => "{}".into(),
+            } + "\n",
+        ),
         (&Method::GET, _) => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /ca.pem or /policy\n".to_string(),
+            "not found; try /ca.pem, /policy or /stats\n".to_string(),
         ),
         _ => (
             StatusCode::METHOD_NOT_ALLOWED,
@@ -103,6 +114,7 @@ mod tests {
                 pass_through_hosts: vec!["*.github.io".into()],
                 allowed_destinations: vec!["198.51.100.0/24".into()],
             },
+            stats: None,
         });
         tokio::spawn(serve(listener, state));
         let get = |path: &'static str| async move {
@@ -127,6 +139,7 @@ mod tests {
             serde_json::from_str(pol.split("\r\n\r\n").nth(1).unwrap()).unwrap();
         assert_eq!(json["intercepted_hosts"][0], "api.example.com");
         assert_eq!(json["allowed_destinations"][0], "198.51.100.0/24");
+        assert!(get("/stats").await.ends_with("\r\n\r\n{}\n"));
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
     }
 }

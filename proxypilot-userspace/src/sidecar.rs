@@ -68,6 +68,7 @@ impl Sidecar {
         let state = Arc::new(InfoState {
             ca_pem: ca.ca_pem().to_string(),
             policy: relay.summary(&allowed),
+            stats: Some(relay.clone()),
         });
         let mut tasks = vec![tokio::spawn(info::serve(info_listener, state))];
         for listener in listeners {

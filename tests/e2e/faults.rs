@@ -637,6 +637,22 @@ fn out_of_file_descriptors_sheds_excess_connections_and_recovers() {
     get_ok(&net, &fly);
     assert_running(&mut fly);
     assert!(fly.sidecar_log().contains("out of file descriptors"));
+    // Every shed or finished connection gave its slot back, and the one
+    // intercepted host still has exactly one leaf.
+    assert!(
+        wait_for(Duration::from_secs(30), || fly.stats(&net)["connections_open"] == 0),
+        "connection slots leaked: {}",
+        fly.stats(&net)
+    );
+    let stats = fly.stats(&net);
+    assert_eq!(
+        (
+            &stats["leaf_certificates_cached"],
+            &stats["leaf_certificates_minted"]
+        ),
+        (&serde_json::json!(1), &serde_json::json!(1)),
+        "{stats}"
+    );
     assert_maps_empty(fly.cgroup.id(), || fly.sidecar_log());
     let _ = std::io::stderr().flush();
 }

@@ -181,6 +181,19 @@ impl FlyShape {
         cmd
     }
 
+    /// The sidecar's `/stats` (info port 15480, as the sandbox reaches it).
+    pub fn stats(&self, net: &FakeInternet) -> serde_json::Value {
+        let out = self
+            .sandbox(net, "curl")
+            .args(["-sS", "--max-time", "10", "http://127.0.0.1:15480/stats"])
+            .command()
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("running curl");
+        let body = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("/stats: {e}: {body}"))
+    }
+
     pub fn sidecar_log(&self) -> String {
         self.sidecar.stderr()
     }

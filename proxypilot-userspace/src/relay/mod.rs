@@ -193,6 +193,18 @@ impl Relay {
         &self.limits
     }
 
+    /// Counters for `/stats` on the info port: what is in use now, so a
+    /// soak or an operator can see that nothing grows without bound.
+    pub fn stats(&self) -> RelayStats {
+        RelayStats {
+            connections_open: self.limits.max_connections - self.conns.available_permits(),
+            connections_max: self.limits.max_connections,
+            leaf_certificates_cached: self.leaves.len(),
+            leaf_certificates_capacity: self.leaves.capacity(),
+            leaf_certificates_minted: self.leaves.mints(),
+        }
+    }
+
     /// Handles one accepted connection to the end. Never panics on bad
     /// input; every decision and failure is logged with its reason.
     pub async fn handle_connection(
@@ -296,6 +308,16 @@ impl Relay {
     fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
         self.conns.clone().try_acquire_owned().ok()
     }
+}
+
+/// See [`Relay::stats`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayStats {
+    pub connections_open: usize,
+    pub connections_max: usize,
+    pub leaf_certificates_cached: usize,
+    pub leaf_certificates_capacity: usize,
+    pub leaf_certificates_minted: u64,
 }
 
 /// Placeholder resolver for the shared base config; every connection

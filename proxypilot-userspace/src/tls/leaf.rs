@@ -149,6 +149,11 @@ impl LeafCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The most hosts kept at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
 }
 
 fn mint(
