@@ -53,6 +53,11 @@ impl RequestAudit {
         }
     }
 
+    /// What the request is (for warnings about it); never a secret.
+    pub fn info(&self) -> &RequestInfo {
+        &self.info
+    }
+
     /// Counts the response's masked echoes in this line.
     pub fn set_redactions(&self, r: crate::tokenizer::redact::Redactions) {
         let _ = self.redactions.set(r);

@@ -6,7 +6,7 @@
 //! Precedence: lists (`target`, `allow`, `upstream-ca`) are merged from
 //! the file, `TARGETS` and the flags; a scalar comes from its flag, else
 //! the file, else the environment (`PROXY` for the tokenizer), else the
-//! default.
+//! default; `rate-limit` is merged per host, a flag beating the file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -92,6 +92,16 @@ pub struct LimitArgs {
     /// non-streaming LLM call answers only when done [default: 600s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub response_timeout: Option<Duration>,
+    /// Largest request body relayed to an intercepted host, in bytes or
+    /// with a unit (512KiB, 10MiB, 1GiB); more is answered 413
+    /// [default: no limit, since API uploads can be hundreds of MB].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub max_request_body: Option<u64>,
+    /// At most N requests per second to HOST (an intercepted host), in
+    /// bursts of up to N; more are answered 429. Repeatable
+    /// [default: no limit].
+    #[arg(long = "rate-limit", value_name = "HOST=N")]
+    pub rate_limits: Vec<String>,
 }
 
 /// "300", "300s", "5m", "1h" or "250ms".
@@ -115,6 +125,28 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+/// "1048576", "512KiB", "10MiB" or "1GiB" (binary units; "B" allowed).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size; write e.g. 1048576, 512KiB, 10MiB"))?;
+    let unit_bytes: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        u => return Err(format!("{s:?}: unknown unit {u:?}; use B, KiB, MiB or GiB")),
+    };
+    match n.checked_mul(unit_bytes) {
+        None => Err(format!("{s:?} is too large")),
+        Some(0) => Err(format!("{s:?}: a cap of zero would refuse every body")),
+        Some(b) => Ok(b),
+    }
 }
 
 /// A secret string: never printed by Debug or Display.
@@ -196,6 +228,10 @@ struct FileConfig {
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     response_timeout: Option<String>,
+    /// `10485760` or `"10MiB"`.
+    max_request_body: Option<toml::Value>,
+    /// `rate-limit = { "api.openai.com" = 5 }` (or a `[rate-limit]` table).
+    rate_limit: Option<toml::Table>,
     kernel: Option<toml::Table>,
 }
 
@@ -407,6 +443,15 @@ impl RelayArgs {
                 (None, None) => {}
             }
         }
+        match (l.max_request_body, &file.max_request_body) {
+            (Some(n), _) => limits.max_request_body = Some(n),
+            (None, Some(v)) => match size_value(v) {
+                Ok(n) => limits.max_request_body = Some(n),
+                Err(e) => errors.push(format!("max-request-body in the config file: {e}")),
+            },
+            (None, None) => {}
+        }
+        limits.rate_limits = rate_limits(&file.rate_limit, &l.rate_limits, &targets, &mut errors);
 
         if !errors.is_empty() {
             return Err(anyhow!(
@@ -430,6 +475,73 @@ impl RelayArgs {
             limits,
         })
     }
+}
+
+/// `max-request-body` in the file: an integer or a string with a unit.
+fn size_value(v: &toml::Value) -> Result<u64, String> {
+    match v {
+        toml::Value::Integer(n) if *n > 0 => Ok(*n as u64),
+        toml::Value::Integer(n) => Err(format!("{n}: use at least 1")),
+        toml::Value::String(s) => parse_size(s),
+        other => Err(format!(
+            "{other}: write bytes, e.g. 10485760, or a string such as \"10MiB\""
+        )),
+    }
+}
+
+/// Requests per second per host, from the file's `rate-limit` table and
+/// the `--rate-limit HOST=N` flags (a flag overrides the file for its
+/// host). Every HOST must be intercepted, every N at least 1.
+fn rate_limits(
+    file: &Option<toml::Table>,
+    flags: &[String],
+    targets: &BTreeMap<String, Target>,
+    errors: &mut Vec<String>,
+) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    let mut add = |from: String, parsed: Result<(&str, u32), String>| {
+        let checked = parsed.and_then(|(host, n)| {
+            let host = normalize_host(host)?;
+            if !targets.contains_key(&host) {
+                return Err(format!(
+                    "{host} is not an intercepted host; add --target {host}=ENVVAR or drop the limit"
+                ));
+            }
+            Ok((host, n))
+        });
+        match checked {
+            Ok((host, n)) => {
+                out.insert(host, n);
+            }
+            Err(e) => errors.push(format!("{from}: {e}")),
+        }
+    };
+    for (host, n) in file.iter().flatten() {
+        let n = match n {
+            toml::Value::Integer(n) => u32::try_from(*n)
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("{n} is not a number of requests per second (1 or more)")),
+            other => Err(format!("{other} is not a number of requests per second")),
+        };
+        add(
+            format!("rate-limit {host:?} in the config file"),
+            n.map(|n| (host.as_str(), n)),
+        );
+    }
+    for spec in flags {
+        let parsed = match spec.split_once('=') {
+            None => Err("expected HOST=N, e.g. api.openai.com=5".to_string()),
+            Some((host, n)) => match n.trim().parse::<u32>() {
+                Ok(n) if n > 0 => Ok((host, n)),
+                _ => Err(format!(
+                    "{n:?} is not a number of requests per second (1 or more)"
+                )),
+            },
+        };
+        add(format!("--rate-limit {spec:?}"), parsed);
+    }
+    out
 }
 
 fn read_config(path: &Path) -> anyhow::Result<FileConfig> {
@@ -633,6 +745,152 @@ mod tests {
             "{e}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn request_body_cap_and_rate_limits_from_flags_or_the_file() {
+        let env = env_of(&[("GH", "s"), ("OA", "t")]);
+        let targets = vec!["api.github.com=GH".to_string(), "api.openai.com=OA".into()];
+        let s = RelayArgs {
+            targets: targets.clone(),
+            ..Default::default()
+        }
+        .resolve_with(&env)
+        .unwrap();
+        assert_eq!(s.limits.max_request_body, None, "no cap by default");
+        assert!(s.limits.rate_limits.is_empty(), "no rate limit by default");
+
+        let dir = std::env::temp_dir().join(format!(
+            "pp-caps-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "max-request-body = \"10MiB\"\nrate-limit = { \"api.github.com\" = 5, \"API.OpenAI.com\" = 7 }\n",
+        )
+        .unwrap();
+        let from_file = RelayArgs {
+            targets: targets.clone(),
+            config: Some(file.clone()),
+            ..Default::default()
+        };
+        let s = from_file.resolve_with(&env).unwrap();
+        assert_eq!(s.limits.max_request_body, Some(10 << 20));
+        assert_eq!(
+            s.limits.rate_limits,
+            BTreeMap::from([("api.github.com".into(), 5), ("api.openai.com".into(), 7)])
+        );
+
+        let flags_win = RelayArgs {
+            limits: LimitArgs {
+                max_request_body: Some(1000),
+                rate_limits: vec!["api.github.com=2".into()],
+                ..Default::default()
+            },
+            ..from_file
+        };
+        let s = flags_win.resolve_with(&env).unwrap();
+        assert_eq!(s.limits.max_request_body, Some(1000));
+        assert_eq!(s.limits.rate_limits["api.github.com"], 2);
+        assert_eq!(
+            s.limits.rate_limits["api.openai.com"], 7,
+            "kept from the file"
+        );
+
+        // Bad values in the file and the flags, all reported together.
+        std::fs::write(
+            &file,
+            "max-request-body = 0\n[rate-limit]\n\"api.github.com\" = 0\n\"other.example.com\" = 2\n\"api.openai.com\" = \"fast\"\n",
+        )
+        .unwrap();
+        let err = RelayArgs {
+            targets: targets.clone(),
+            config: Some(file.clone()),
+            limits: LimitArgs {
+                rate_limits: vec![
+                    "garbage".into(),
+                    "api.github.com=many".into(),
+                    "unknown.example.net=3".into(),
+                ],
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .resolve_with(&env)
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "max-request-body in the config file",
+            "rate-limit \"api.github.com\" in the config file: 0 is not",
+            "other.example.com is not an intercepted host",
+            "rate-limit \"api.openai.com\" in the config file",
+            "--rate-limit \"garbage\": expected HOST=N",
+            "--rate-limit \"api.github.com=many\"",
+            "unknown.example.net is not an intercepted host",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+        }
+        std::fs::write(&file, "max-request-body = \"lots\"\n").unwrap();
+        let err = RelayArgs {
+            config: Some(file),
+            ..Default::default()
+        }
+        .resolve_with(&env)
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("max-request-body") && err.contains("lots"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn request_body_cap_and_rate_limit_flags_parse() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            limits: LimitArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "x",
+            "--max-request-body",
+            "512KiB",
+            "--rate-limit",
+            "a.com=1",
+            "--rate-limit",
+            "b.com=2",
+        ])
+        .unwrap();
+        assert_eq!(cli.limits.max_request_body, Some(512 << 10));
+        assert_eq!(cli.limits.rate_limits, ["a.com=1", "b.com=2"]);
+        for bad in ["0", "ten", "10MB"] {
+            let err = Cli::try_parse_from(["x", "--max-request-body", bad])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("--max-request-body"), "{err}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("10MiB"), Ok(10 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2 MiB"), Ok(2 << 20));
+        assert!(parse_size("0").unwrap_err().contains("zero"));
+        assert!(parse_size("0MiB").is_err());
+        assert!(parse_size("10MB").unwrap_err().contains("unit"));
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999GiB")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]

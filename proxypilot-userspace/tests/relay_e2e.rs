@@ -135,6 +135,8 @@ struct Upstream {
     /// The SSE handler waits for this before sending its second event.
     sse_go: Notify,
     sse_second_sent: Mutex<Option<Instant>>,
+    /// Path and body of every echoed request whose body arrived complete.
+    echoed: Mutex<Vec<(String, Bytes)>>,
 }
 
 fn full(b: impl Into<Bytes>) -> TestBody {
@@ -204,7 +206,13 @@ async fn upstream_handler(
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_string()))
                 .collect();
-            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+                return Ok(Response::builder()
+                    .status(400)
+                    .body(full("incomplete body"))
+                    .unwrap());
+            };
+            state.echoed.lock().unwrap().push((path, body.clone()));
             let json = serde_json::json!({
                 "method": method, "uri": uri, "headers": headers,
                 "body_len": body.len(), "body": String::from_utf8_lossy(&body[..body.len().min(256)]),
@@ -309,7 +317,13 @@ async fn tokenizer_handler(
         .await
         .unwrap();
     tokio::spawn(conn);
-    let resp = send.send_request(req).await.unwrap();
+    // The relay aborts an over-cap upload mid-way: no panic for that.
+    let Ok(resp) = send.send_request(req).await else {
+        return Ok(Response::builder()
+            .status(502)
+            .body(full("upstream request failed"))
+            .unwrap());
+    };
     Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
 }
 
@@ -673,6 +687,259 @@ async fn connection_cap_closes_extra_connections() {
         "second connection over the cap"
     );
     assert!(log_text().contains("too many concurrent connections"));
+}
+
+fn with_body_cap(cap: u64) -> Opts {
+    Opts {
+        limits: Some(Limits {
+            max_request_body: Some(cap),
+            ..short_limits()
+        }),
+        ..Opts::default()
+    }
+}
+
+/// The statuses in the audit lines of the `n` requests with this
+/// (redacted) path, sorted. Lines are written once both bodies are done.
+async fn audit_statuses(path: &str, n: usize) -> Vec<u64> {
+    let mut found = Vec::new();
+    for _ in 0..100 {
+        found = log_text()
+            .lines()
+            .filter(|l| l.contains("\"audit\""))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["path"] == path)
+            .filter_map(|v| v["fields"]["status"].as_u64())
+            .collect();
+        if found.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    found.sort();
+    found
+}
+
+/// A body that sends 100 bytes, then holds while the returned sender
+/// lives. With a larger Content-Length, only a relay that refuses on the
+/// declared length answers before the body is complete.
+fn held_body() -> (TestBody, tokio::sync::mpsc::Sender<Bytes>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.try_send(Bytes::from(vec![b'a'; 100])).unwrap();
+    (stream_body(rx), tx)
+}
+
+#[tokio::test]
+async fn declared_body_over_the_cap_is_413_before_the_tokenizer() {
+    let e = env(with_body_cap(1024)).await;
+    let mut c = e.h1().await;
+    let (body, _hold) = held_body();
+    let req = Request::post("/too-big")
+        .header("host", HOST)
+        .header("content-length", "4096")
+        .body(body)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), c.send_request(req))
+        .await
+        .expect("no answer before the body was complete: the declared length was not checked")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let j = json_body(resp).await;
+    assert!(j["error"].as_str().unwrap().contains("1024"), "{j}");
+    let hint = j["hint"].as_str().unwrap();
+    assert!(
+        hint.contains("--max-request-body") && hint.contains("config key max-request-body"),
+        "{j}"
+    );
+    assert_eq!(audit_statuses("/too-big", 1).await, [413]);
+
+    // HTTP/2 declares it as content-length too.
+    let tls = e.tls(HOST, &[b"h2"]).await.unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake::<_, _, TestBody>(
+        TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (body, _hold) = held_body();
+    let req = Request::post(format!("https://{HOST}/too-big-h2"))
+        .version(http::Version::HTTP_2)
+        .header("content-length", "4096")
+        .body(body)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), h2.send_request(req))
+        .await
+        .expect("no answer before the body was complete")
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    assert!(
+        e.tokenizer.seen.lock().unwrap().is_empty(),
+        "the tokenizer saw an over-cap request"
+    );
+    assert!(e.upstream.echoed.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn streamed_body_over_the_cap_is_aborted_not_truncated() {
+    let e = env(with_body_cap(64 * 1024)).await;
+    let mut c = e.h1().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for _ in 0..20 {
+            if tx.send(Bytes::from(vec![b'a'; 10_000])).await.is_err() {
+                return; // the relay gave up on the body
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let req = Request::post("/capped")
+        .header("host", HOST)
+        .body(stream_body(rx))
+        .unwrap();
+    match c.send_request(req).await {
+        Ok(resp) => {
+            assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+            let j = json_body(resp).await;
+            assert!(j["error"].as_str().unwrap().contains("65536"), "{j}");
+        }
+        // The relay may close the connection while the client still writes.
+        Err(err) => eprintln!("connection reset: {err}"),
+    }
+    let warned = |l: &&str| l.contains("went over the cap") && l.contains("/capped");
+    for _ in 0..100 {
+        if log_text().lines().any(|l| warned(&l)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let logs = log_text();
+    let line = logs.lines().find(warned).expect("a warning about the cap");
+    assert!(
+        line.contains(SECRET_NAME) && line.contains(HOST) && line.contains("65536"),
+        "{line}"
+    );
+    // Give an (erroneously) completed upload time to land upstream.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let echoed = e.upstream.echoed.lock().unwrap();
+    assert!(
+        echoed.iter().all(|(p, _)| p != "/capped"),
+        "the upstream received the capped upload as a complete request"
+    );
+}
+
+#[tokio::test]
+async fn bodies_within_the_cap_go_through_unchanged() {
+    let e = env(with_body_cap(64 * 1024)).await;
+    let mut c = e.h1().await;
+    let pattern: Vec<u8> = (0..64 * 1024).map(|i| b'a' + (i % 26) as u8).collect();
+    let want = Bytes::from(pattern);
+    // Exactly the cap, declared with Content-Length.
+    let req = Request::post("/at-cap")
+        .header("host", HOST)
+        .body(full(want.clone()))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.unwrap();
+    // Under the cap, chunked.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let chunks = want.clone();
+    tokio::spawn(async move {
+        for part in chunks.slice(..50_000).chunks(10_000) {
+            tx.send(Bytes::copy_from_slice(part)).await.unwrap();
+        }
+    });
+    let req = Request::post("/under-cap")
+        .header("host", HOST)
+        .body(stream_body(rx))
+        .unwrap();
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let j = json_body(resp).await;
+    assert_eq!(j["headers"]["transfer-encoding"], "chunked");
+
+    let echoed = e.upstream.echoed.lock().unwrap().clone();
+    let got: BTreeMap<&str, &Bytes> = echoed.iter().map(|(p, b)| (p.as_str(), b)).collect();
+    assert_eq!(got["/at-cap"], &want);
+    assert_eq!(got["/under-cap"], &want.slice(..50_000));
+}
+
+#[tokio::test]
+async fn rate_limit_answers_429_with_retry_after_then_refills() {
+    let e = env(Opts {
+        limits: Some(Limits {
+            rate_limits: BTreeMap::from([(HOST.to_string(), 2)]),
+            ..short_limits()
+        }),
+        ..Opts::default()
+    })
+    .await;
+    // Five connections first, so the five requests arrive together (well
+    // within the half second a token takes to come back): the bucket is
+    // shared by all of them.
+    let mut conns = Vec::new();
+    for _ in 0..5 {
+        conns.push(e.h1().await);
+    }
+    let sent = conns
+        .iter_mut()
+        .enumerate()
+        .map(|(i, c)| c.send_request(get(&format!("/rated?burst={i}"), HOST)));
+    let mut ok = 0;
+    let mut limited = 0;
+    for resp in futures_util::future::join_all(sent).await {
+        let resp = resp.unwrap();
+        match resp.status().as_u16() {
+            200 => {
+                ok += 1;
+                resp.into_body().collect().await.unwrap();
+            }
+            429 => {
+                limited += 1;
+                let secs: u64 = resp.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(secs >= 1, "Retry-After {secs}");
+                let j = json_body(resp).await;
+                let error = j["error"].as_str().unwrap();
+                assert!(error.contains(HOST) && error.contains('2'), "{j}");
+                assert!(j["hint"].as_str().unwrap().contains("--rate-limit"), "{j}");
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    assert_eq!((ok, limited), (2, 3));
+    assert_eq!(
+        e.tokenizer.seen.lock().unwrap().len(),
+        2,
+        "429s are not forwarded"
+    );
+    assert_eq!(
+        audit_statuses("/rated?burst=", 5).await,
+        [200, 200, 429, 429, 429]
+    );
+
+    // A token comes back after 0.5 s; poll for it without timing asserts.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let resp = conns[0]
+            .send_request(get("/rated?refill", HOST))
+            .await
+            .unwrap();
+        let status = resp.status();
+        resp.into_body().collect().await.unwrap();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429);
+        assert!(Instant::now() < deadline, "the bucket did not refill");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]

@@ -1,14 +1,16 @@
-//! Body wrappers: count bytes for the audit line and keep the request
-//! "active" for the idle watchdog until both bodies are done.
+//! Body wrappers: count bytes for the audit line, keep the request
+//! "active" for the idle watchdog until both bodies are done, and cap the
+//! request body (`--max-request-body`).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use super::errors::RelayError;
 use super::{BoxError, RelayBody};
 use crate::audit::RequestAudit;
 
@@ -76,6 +78,74 @@ impl Body for Counted {
 
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Passes at most `limit` data bytes through (no buffering). The frame
+/// that would go over is not passed on: the body ends with an error, so
+/// the forwarder aborts the upstream request rather than send a truncated
+/// body as if it were complete.
+pub struct Capped {
+    inner: RelayBody,
+    limit: u64,
+    seen: u64,
+    tripped: Arc<AtomicBool>,
+    scope: Arc<RequestScope>,
+}
+
+impl Capped {
+    /// Also returns a flag set once the cap is hit, so the handler can tell
+    /// the forwarder's failure was the cap (413) and not the tokenizer.
+    pub fn new(inner: RelayBody, limit: u64, scope: Arc<RequestScope>) -> (Self, Arc<AtomicBool>) {
+        let tripped = Arc::new(AtomicBool::new(false));
+        let body = Capped {
+            inner,
+            limit,
+            seen: 0,
+            tripped: tripped.clone(),
+            scope,
+        };
+        (body, tripped)
+    }
+
+    fn over(&self) -> BoxError {
+        Box::new(RelayError::BodyTooLarge { limit: self.limit })
+    }
+}
+
+impl Body for Capped {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.tripped.load(Ordering::SeqCst) {
+            return Poll::Ready(Some(Err(self.over())));
+        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.seen = self.seen.saturating_add(data.len() as u64);
+                if self.seen > self.limit {
+                    self.tripped.store(true, Ordering::SeqCst);
+                    let info = self.scope.audit.info();
+                    tracing::warn!(sni = %info.sni, secret = %info.secret, path = %info.path, max_request_body = self.limit,
+                        "request body went over the cap while streaming; aborting the upstream request");
+                    return Poll::Ready(Some(Err(self.over())));
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        !self.tripped.load(Ordering::SeqCst) && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

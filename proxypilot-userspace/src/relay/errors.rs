@@ -37,6 +37,16 @@ pub enum RelayError {
     MissingHost,
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// `--max-request-body`: declared up front, or found while streaming.
+    #[error("the request body is larger than the relay's limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    /// `--rate-limit`: the host's token bucket is empty.
+    #[error("more than {per_second} requests per second to {host}")]
+    RateLimited {
+        host: String,
+        per_second: u32,
+        retry_after: Duration,
+    },
     #[error(transparent)]
     Forward(#[from] ForwardError),
 }
@@ -57,6 +67,16 @@ impl RelayError {
                 "send a Host header (HTTP/1.1) or :authority (HTTP/2)".into(),
             ),
             RelayError::BadRequest(_) => (StatusCode::BAD_REQUEST, msg, "check the request line and headers".into()),
+            RelayError::BodyTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                msg,
+                "send a smaller body, or raise the cap with --max-request-body (config key max-request-body)".into(),
+            ),
+            RelayError::RateLimited { host, retry_after, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                msg,
+                format!("retry in {} s (Retry-After), or raise the limit with --rate-limit {host}=N (config key rate-limit)", retry_after_secs(*retry_after)),
+            ),
             RelayError::Forward(ForwardError::Unreachable { .. }) => (
                 StatusCode::BAD_GATEWAY,
                 msg,
@@ -84,7 +104,17 @@ impl RelayError {
 /// Renders an error as the client sees it.
 pub fn error_response(err: &RelayError) -> Response<RelayBody> {
     let (status, error, hint) = err.classify();
-    json_response(status, &serde_json::json!({ "error": error, "hint": hint }))
+    let mut resp = json_response(status, &serde_json::json!({ "error": error, "hint": hint }));
+    if let RelayError::RateLimited { retry_after, .. } = err {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, retry_after_secs(*retry_after).into());
+    }
+    resp
+}
+
+/// Whole seconds for `Retry-After`: rounded up, at least 1.
+fn retry_after_secs(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().max(1.0) as u64
 }
 
 pub(crate) fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<RelayBody> {
@@ -121,6 +151,7 @@ mod tests {
                 421,
             ),
             (RelayError::MissingHost, 400),
+            (RelayError::BodyTooLarge { limit: 10 }, 413),
             (
                 RelayError::Forward(ForwardError::Unreachable {
                     url: url.clone(),
@@ -139,6 +170,20 @@ mod tests {
         ];
         for (e, code) in cases {
             assert_eq!(error_response(&e).status().as_u16(), code, "{e}");
+        }
+    }
+
+    #[test]
+    fn rate_limited_has_retry_after_in_whole_seconds() {
+        for (wait, secs) in [(0, "1"), (50, "1"), (1000, "1"), (1001, "2")] {
+            let e = RelayError::RateLimited {
+                host: "api.x.com".into(),
+                per_second: 5,
+                retry_after: Duration::from_millis(wait),
+            };
+            let resp = error_response(&e);
+            assert_eq!(resp.status(), 429);
+            assert_eq!(resp.headers()[header::RETRY_AFTER], secs, "{wait} ms");
         }
     }
 }

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::body::{Counted, Direction, RequestScope};
+use super::body::{Capped, Counted, Direction, RequestScope};
 use super::errors::{error_response, RelayError};
 use super::{BoxError, Relay, RelayBody};
 use crate::audit::{redact_path, RequestAudit, RequestInfo};
@@ -102,7 +103,7 @@ async fn handle(
             resp
         }
         Err(e) => {
-            tracing::warn!(sni = %ctx.sni, error = %e, "request not relayed");
+            tracing::warn!(sni = %ctx.sni, secret = %ctx.secret_name, error = %e, "request not relayed");
             error_response(&e)
         }
     };
@@ -129,6 +130,21 @@ async fn relay_request(
     }
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = tokenizer_uri(&authority, pq)?;
+    let cap = ctx.relay.limits.max_request_body;
+    // hyper gives a declared Content-Length (HTTP/1.1 or HTTP/2) as the
+    // exact size hint: refuse before anything reaches the tokenizer.
+    if let Some(cap) = cap.filter(|&cap| body.size_hint().lower() > cap) {
+        return Err(RelayError::BodyTooLarge { limit: cap });
+    }
+    // After the checks above: a request refused anyway takes no token.
+    ctx.relay
+        .rate
+        .acquire(&ctx.sni)
+        .map_err(|t| RelayError::RateLimited {
+            host: ctx.sni.clone(),
+            per_second: t.per_second,
+            retry_after: t.retry_after,
+        })?;
 
     let mut headers = forwardable_headers(&parts.headers);
     let host =
@@ -145,19 +161,26 @@ async fn relay_request(
         HeaderValue::from_static("*"),
     );
 
-    let body = Counted::new(
-        body.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
-        scope.clone(),
-        Direction::In,
-    )
-    .boxed_unsync();
+    let mut body = body.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
+    let mut tripped = None;
+    if let Some(cap) = cap {
+        let (b, t) = Capped::new(body, cap, scope.clone());
+        body = b.boxed_unsync();
+        tripped = Some(t);
+    }
+    let body = Counted::new(body, scope.clone(), Direction::In).boxed_unsync();
     let mut out = Request::new(body);
     *out.method_mut() = parts.method;
     *out.uri_mut() = uri;
     *out.version_mut() = Version::HTTP_11; // the tokenizer speaks HTTP/1.1
     *out.headers_mut() = headers;
 
-    let mut resp = ctx.relay.forwarder.forward(out).await?;
+    let resp = ctx.relay.forwarder.forward(out).await;
+    let mut resp = resp.map_err(|e| match (cap, &tripped) {
+        // The forwarder failed because our body ended in an error: say why.
+        (Some(limit), Some(t)) if t.load(Ordering::SeqCst) => RelayError::BodyTooLarge { limit },
+        _ => e.into(),
+    })?;
     strip_hop_by_hop(resp.headers_mut());
     *resp.version_mut() = Version::HTTP_11;
     Ok(resp)

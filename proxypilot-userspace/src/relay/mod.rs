@@ -12,6 +12,7 @@ pub mod errors;
 pub mod forward;
 mod intercept;
 pub mod passthrough;
+pub mod ratelimit;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -63,6 +64,13 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Connections handled at once; more are closed at accept, logged.
     pub max_connections: usize,
+    /// Request body bytes relayed per intercepted request; more is 413.
+    /// `None` by default: API uploads (OpenAI files, ...) can be hundreds
+    /// of MB, and a default cap would break them.
+    pub max_request_body: Option<u64>,
+    /// Requests per second per intercepted host (token bucket, burst N);
+    /// more is 429. Hosts not listed are not limited.
+    pub rate_limits: BTreeMap<String, u32>,
 }
 
 impl Default for Limits {
@@ -75,6 +83,8 @@ impl Default for Limits {
             response_timeout: Duration::from_secs(600),
             max_header_bytes: 64 * 1024,
             max_connections: 4096,
+            max_request_body: None,
+            rate_limits: BTreeMap::new(),
         }
     }
 }
@@ -104,6 +114,7 @@ pub struct Relay {
     forwarder: Forwarder,
     proxy_authorization: Option<HeaderValue>,
     limits: Limits,
+    rate: ratelimit::RateLimiter,
     conns: Arc<Semaphore>,
     http: auto::Builder<TokioExecutor>,
 }
@@ -153,6 +164,11 @@ impl Relay {
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
 
         let limits = cfg.limits;
+        for (host, &n) in &limits.rate_limits {
+            if !policy.intercept.contains_key(host) || n == 0 {
+                bail!("rate-limit {host}={n}: the host must be intercepted (--target) and N at least 1");
+            }
+        }
         let mut http = auto::Builder::new(TokioExecutor::new());
         http.http1()
             .timer(TokioTimer::new())
@@ -172,6 +188,7 @@ impl Relay {
             forwarder: cfg.forwarder,
             proxy_authorization,
             conns: Arc::new(Semaphore::new(limits.max_connections)),
+            rate: ratelimit::RateLimiter::new(&limits.rate_limits),
             limits,
             http,
         })
