@@ -6,16 +6,20 @@
 #
 #   tests/fuzz/run-quick.sh                # all targets, 20 s each
 #   FUZZ_SECONDS=60 tests/fuzz/run-quick.sh client_hello config
+#   FUZZ_SANITIZER=none tests/fuzz/run-quick.sh   # what `cargo xtask test` does
 #
-# Needs the rustup nightly toolchain (cargo-fuzz builds with -Zsanitizer);
-# installs cargo-fuzz if it is missing. Build output goes to
-# $CARGO_TARGET_DIR (default: <repo>/target/fuzz). The eBPF programs are
-# not built (PROXYPILOT_EBPF_PLACEHOLDER=1), so no BPF toolchain is needed.
+# Needs the rustup nightly toolchain (cargo-fuzz builds with -Z flags);
+# installs cargo-fuzz if it is missing. FUZZ_SANITIZER (default address)
+# goes to `cargo fuzz -s`. Build output goes to <target dir>/fuzz (the
+# target dir is $CARGO_TARGET_DIR, default <repo>/target), apart from the
+# normal build, whose flags differ. The eBPF programs are not built
+# (PROXYPILOT_EBPF_PLACEHOLDER=1), so no BPF toolchain is needed.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 secs=${FUZZ_SECONDS:-20}
+sanitizer=${FUZZ_SANITIZER:-address}
 all_targets=(client_hello proxy_tokenizer config relay_request)
 if [ $# -gt 0 ]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
 
@@ -29,15 +33,15 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
 
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target/fuzz}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}/fuzz
 # The targets never load the eBPF programs: skip building them (and the
 # BPF toolchain they need); see proxypilot-userspace/build.rs.
 export PROXYPILOT_EBPF_PLACEHOLDER=${PROXYPILOT_EBPF_PLACEHOLDER:-1}
 cd "$root"
 
 start=$(date +%s)
-echo "== building fuzz targets (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-cargo +nightly fuzz build --fuzz-dir tests/fuzz
+echo "== building fuzz targets (sanitizer $sanitizer, CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+cargo +nightly fuzz build -s "$sanitizer" --fuzz-dir tests/fuzz
 echo "== built in $(( $(date +%s) - start )) s"
 
 scratch=$(mktemp -d)
@@ -49,7 +53,7 @@ for t in "${targets[@]}"; do
     cp -R "tests/fuzz/corpus/$t/." "$scratch/$t/"
     # -timeout: one input taking >10 s is a finding (the relay's own
     # timeouts are 1-5 s in the harness).
-    if ! cargo +nightly fuzz run "$t" --fuzz-dir tests/fuzz "$scratch/$t" -- \
+    if ! cargo +nightly fuzz run -s "$sanitizer" "$t" --fuzz-dir tests/fuzz "$scratch/$t" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1; then
         failed+=("$t")
     fi

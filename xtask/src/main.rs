@@ -21,10 +21,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install everything a fresh Debian machine needs (idempotent): the
-    /// offline eBPF toolchain, bpf-linker, bpftool, iproute2, curl and the
-    /// test clients.
+    /// offline eBPF toolchain, bpf-linker, bpftool, iproute2, curl, the
+    /// test clients and cargo-fuzz.
     Setup,
-    /// Build, then run the whole test suite (privileged tests need root).
+    /// Build, then run the whole test suite (privileged tests need root),
+    /// then each fuzz target for 15 s. With a test filter, just those tests.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -74,6 +75,10 @@ const APT_PACKAGES: &[&str] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Builds and runs the fuzz targets (with the rustup nightly the machine has).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// How long `cargo xtask test` runs each fuzz target.
+const FUZZ_SMOKE_SECONDS: &str = "15";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -145,6 +150,23 @@ fn setup() -> Result<()> {
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
     }
 
+    let have_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION))
+        .unwrap_or(false);
+    if have_fuzz {
+        eprintln!("xtask: cargo-fuzz {CARGO_FUZZ_VERSION} already installed");
+    } else {
+        run(Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ]))?;
+    }
+
     // Python packages the tests use (pinned in the requirements files).
     let root = workspace_root();
     for entry in std::fs::read_dir(root.join("tests"))? {
@@ -178,10 +200,26 @@ fn test(args: &[String]) -> Result<()> {
         .current_dir(&root)
         .args(["build", "--bins"]))?;
     // Every test binary runs even after a failure, so one run reports all.
-    run(Command::new("cargo")
+    let tests = run(Command::new("cargo")
         .current_dir(&root)
         .args(["test", "--no-fail-fast"])
-        .args(args))
+        .args(args));
+    if !args.is_empty() {
+        return tests; // a filtered run: just those tests
+    }
+    // The whole suite also fuzzes each target briefly, from its committed
+    // corpus. Without a sanitizer: the build is minutes shorter, and the
+    // long runs with AddressSanitizer are done by hand (tests/fuzz/README.md).
+    let fuzz = run(Command::new(root.join("tests/fuzz/run-quick.sh"))
+        .current_dir(&root)
+        .env("FUZZ_SECONDS", FUZZ_SMOKE_SECONDS)
+        .env("FUZZ_SANITIZER", "none"));
+    match (tests, fuzz) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) => Err(e),
+        (Ok(()), Err(e)) => Err(e.context("the tests passed, but a fuzz target failed")),
+        (Err(t), Err(f)) => bail!("{t:#}; and a fuzz target failed: {f:#}"),
+    }
 }
 
 fn soak(args: &[String]) -> Result<()> {

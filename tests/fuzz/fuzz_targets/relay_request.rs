@@ -189,6 +189,7 @@ fn world() -> &'static World {
             response_timeout: Duration::from_secs(2),
             max_header_bytes: 16 * 1024,
             max_connections: 64,
+            ..Limits::default()
         };
         let checker = Checker {
             engine: Engine::new(key),
