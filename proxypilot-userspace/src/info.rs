@@ -75,7 +75,9 @@ fn respond(state: &InfoState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             StatusCode::OK,
             "application/json",
             match &state.stats {
-                Some(relay) => serde_json::to_string_pretty(&relay.stats()).expect("stats serialise"),
+                Some(relay) => {
+                    serde_json::to_string_pretty(&relay.stats()).expect("stats serialise")
+                }
                 None => "{}".into(),
             } + "\n",
         ),

@@ -143,6 +143,11 @@ fn loopback_services_other_than_the_info_port_are_unreachable() {
     for needle in ["sk-", "ghp_", "SEALED"] {
         assert!(!policy.contains(needle), "{needle} in /policy: {v}");
     }
+    // /stats is counters only.
+    let stats = fly.stats(&net);
+    let fields = stats.as_object().unwrap_or_else(|| panic!("{stats}"));
+    assert!(fields.contains_key("leaf_certificates_cached"), "{stats}");
+    assert!(fields.values().all(Value::is_u64), "{stats}");
 }
 
 #[test]

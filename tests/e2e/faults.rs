@@ -640,7 +640,9 @@ fn out_of_file_descriptors_sheds_excess_connections_and_recovers() {
     // Every shed or finished connection gave its slot back, and the one
     // intercepted host still has exactly one leaf.
     assert!(
-        wait_for(Duration::from_secs(30), || fly.stats(&net)["connections_open"] == 0),
+        wait_for(Duration::from_secs(30), || fly.stats(&net)
+            ["connections_open"]
+            == 0),
         "connection slots leaked: {}",
         fly.stats(&net)
     );

@@ -562,7 +562,7 @@ async fn newconn(
                     let t = Instant::now();
                     let r = async {
                         let mut s = client.connect().await?;
-                        Ok::<u64, BoxError>(client.get(&mut s, &path).await?)
+                        client.get(&mut s, &path).await
                     }
                     .await;
                     match r {

@@ -168,7 +168,9 @@ fn soak(net: &FakeInternet, mode: Tokenizer, requests: u64, conns: usize) -> boo
     );
     let stats = fly.stats(net);
     let hosts_used = report["hosts"].as_array().map_or(0, Vec::len) as u64;
-    let cached = stats["leaf_certificates_cached"].as_u64().unwrap_or(u64::MAX);
+    let cached = stats["leaf_certificates_cached"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
     println!(
         "leaf cache (/stats): {cached} cached of capacity {}, {} minted; {hosts_used} hosts used {}",
         stats["leaf_certificates_capacity"], stats["leaf_certificates_minted"], report["hosts"]
@@ -528,7 +530,7 @@ async fn worker(ctx: Arc<Ctx>, seed: u64) {
         let (n, h2) = if roll < 305 {
             (1, false)
         } else {
-            (1 + rng.below(200), roll % 10 == 0)
+            (1 + rng.below(200), roll.is_multiple_of(10))
         };
         if !ctx.take() {
             return;
@@ -568,7 +570,7 @@ async fn worker(ctx: Arc<Ctx>, seed: u64) {
 /// complete: right after sending, after the head, or after the first
 /// chunk of a stream.
 async fn die_mid_request(ctx: &Ctx, host: &str, addr: SocketAddr, roll: u64) {
-    let mut conn = match Conn::open(ctx, host, addr, roll % 2 == 0).await {
+    let mut conn = match Conn::open(ctx, host, addr, roll.is_multiple_of(2)).await {
         Ok(c) => c,
         Err(kind) => {
             ctx.error(kind);
