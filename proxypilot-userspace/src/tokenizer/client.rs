@@ -91,6 +91,15 @@ impl UpstreamClient {
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
+            // Every request a sandbox client abandons cancels its stream on
+            // the one HTTP/2 connection all requests share, and the
+            // upstream's frames still in flight for it then count as local
+            // "error resets". h2 closes the connection after 1,024 of them
+            // (a guard against hostile peers), failing every request on it:
+            // remember more cancelled streams, and drop that count, for the
+            // verified API servers this client talks to.
+            .http2_max_concurrent_reset_streams(4096)
+            .http2_max_local_error_reset_streams(None)
             .build(connector);
         Ok(UpstreamClient { client })
     }

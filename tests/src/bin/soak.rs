@@ -196,6 +196,22 @@ fn soak(net: &FakeInternet, mode: Tokenizer, requests: u64, conns: usize) -> boo
         && open == 0
         && sent == requests
         && errors_total * 1000 <= sent; // at most 0.1% errors of any kind
+    if errors_total > 0 {
+        // What the sidecar said about them (it logs warnings only here).
+        let log = fly.sidecar_log();
+        // Kernel denials are the resolver's UDP address-sorting probes.
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.contains("denied: udp"))
+            .collect();
+        println!(
+            "sidecar log: {} lines besides UDP denials; the first 8:",
+            lines.len()
+        );
+        for l in lines.iter().take(8) {
+            println!("  {}", l.chars().take(400).collect::<String>());
+        }
+    }
     println!("sidecar still running: {alive}");
     println!("result ({mode:?}): {}", if pass { "PASS" } else { "FAIL" });
     pass
