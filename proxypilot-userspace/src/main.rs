@@ -65,6 +65,3 @@ fn init_tracing(format: LogFormat, default_level: &str) -> WorkerGuard {
     }
     guard
 }
-
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
