@@ -6,24 +6,33 @@
 //! never reach it (the path's query values are removed too, since APIs put
 //! tokens there).
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 /// Tracing target of audit lines; route it with `RUST_LOG=audit=info`.
 pub const TARGET: &str = "audit";
 
-/// Everything known about a request when it starts.
+/// What every request on one intercepted connection shares (built once
+/// per connection, so a request's audit record copies no strings).
 #[derive(Debug, Clone, Default)]
-pub struct RequestInfo {
+pub struct ConnectionInfo {
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub original_dst: Option<SocketAddr>,
     pub sni: String,
-    pub method: String,
+    pub secret: String,
+}
+
+/// Everything known about a request when it starts.
+#[derive(Debug, Clone)]
+pub struct RequestInfo {
+    pub conn: Arc<ConnectionInfo>,
+    pub method: http::Method,
     /// Already redacted (see `redact_path`).
     pub path: String,
-    pub secret: String,
 }
 
 /// A request in flight. Share it (`Arc`) with both body wrappers; the line
@@ -80,28 +89,28 @@ impl RequestAudit {
 
 impl Drop for RequestAudit {
     fn drop(&mut self) {
-        let i = &self.info;
+        let c = &*self.info.conn;
         let status = self.status.load(Ordering::Relaxed);
         tracing::info!(
             target: TARGET,
-            time = %rfc3339(self.wall),
-            pid = i.pid,
-            process = i.comm.as_deref(),
-            original_dst = i.original_dst.map(|d| d.to_string()),
-            sni = %i.sni,
-            method = %i.method,
-            path = %i.path,
+            time = %Rfc3339(self.wall),
+            pid = c.pid,
+            process = c.comm.as_deref(),
+            original_dst = c.original_dst.map(tracing::field::display),
+            sni = %c.sni,
+            method = %self.info.method,
+            path = %self.info.path,
             // 0: the client went away before a response was produced.
             status,
             bytes_in = self.bytes_in.load(Ordering::Relaxed),
             bytes_out = self.bytes_out.load(Ordering::Relaxed),
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            secret = %i.secret,
+            secret = %c.secret,
             redacted = self.redactions.get().map_or(0, |r| r.count()),
             "request"
         );
         if let Some(n) = self.redactions.get().map(|r| r.count()).filter(|n| *n > 0) {
-            tracing::warn!(target: TARGET, sni = %i.sni, path = %i.path, secret = %i.secret, redacted = n,
+            tracing::warn!(target: TARGET, sni = %c.sni, path = %self.info.path, secret = %c.secret, redacted = n,
                 "the upstream echoed the secret back; masked it in the response");
         }
     }
@@ -125,17 +134,27 @@ pub fn redact_path(path_and_query: &str) -> String {
 
 /// RFC 3339 UTC with milliseconds, without pulling in time's formatting.
 pub fn rfc3339(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+    Rfc3339(t).to_string()
+}
+
+/// Displays as [`rfc3339`] does, straight into the log line.
+struct Rfc3339(SystemTime);
+
+impl fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let t = time::OffsetDateTime::from(self.0);
+        write!(
+            f,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        )
+    }
 }
 
 #[cfg(test)]
@@ -181,13 +200,15 @@ pub(crate) mod tests {
             .finish();
         tracing::subscriber::with_default(sub, || {
             let a = RequestAudit::new(RequestInfo {
-                pid: Some(42),
-                comm: Some("curl".into()),
-                original_dst: Some("203.0.113.10:443".parse().unwrap()),
-                sni: "api.example.com".into(),
-                method: "POST".into(),
+                conn: Arc::new(ConnectionInfo {
+                    pid: Some(42),
+                    comm: Some("curl".into()),
+                    original_dst: Some("203.0.113.10:443".parse().unwrap()),
+                    sni: "api.example.com".into(),
+                    secret: "EXAMPLE_SEALED".into(),
+                }),
+                method: http::Method::POST,
                 path: redact_path("/v1/messages?api_key=sk-live-123"),
-                secret: "EXAMPLE_SEALED".into(),
             });
             a.set_status(200);
             a.add_in(10);

@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod cli;
 pub mod doctor;
+pub mod hop;
 pub mod info;
 pub mod kernel;
 pub mod paths;

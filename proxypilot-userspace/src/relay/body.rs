@@ -135,7 +135,7 @@ impl Body for Capped {
                 if self.seen > self.limit {
                     self.tripped.store(true, Ordering::SeqCst);
                     let info = self.scope.audit.info();
-                    tracing::warn!(sni = %info.sni, secret = %info.secret, path = %info.path, max_request_body = self.limit,
+                    tracing::warn!(sni = %info.conn.sni, secret = %info.conn.secret, path = %info.path, max_request_body = self.limit,
                         "request body went over the cap while streaming; aborting the upstream request");
                     return Poll::Ready(Some(Err(self.over())));
                 }

@@ -21,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::body::{Capped, Counted, Direction, RequestScope};
 use super::errors::{error_response, RelayError};
 use super::{BoxError, Relay, RelayBody};
-use crate::audit::{redact_path, RequestAudit, RequestInfo};
-use crate::kernel::origin::OriginalDestination;
+use crate::audit::{redact_path, ConnectionInfo, RequestAudit, RequestInfo};
+use crate::hop::{self, HopByHop};
 
 /// What every request on one intercepted connection shares.
 pub(crate) struct ConnCtx {
@@ -30,11 +30,12 @@ pub(crate) struct ConnCtx {
     pub sni: String,
     pub secret_name: String,
     pub credential: Arc<super::credentials::Credential>,
-    pub origin: Option<OriginalDestination>,
     /// The port the client dialled (443 unless another port is intercepted).
     pub port: u16,
     /// Requests whose bodies are not finished yet (idle watchdog).
     pub active: Arc<AtomicUsize>,
+    /// The connection's part of every request's audit line.
+    pub audit: Arc<ConnectionInfo>,
 }
 
 /// Serves HTTP on an established TLS stream until the client is done, an
@@ -80,13 +81,9 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<RelayBody>, Infallible> {
     let info = RequestInfo {
-        pid: ctx.origin.as_ref().map(|o| o.pid),
-        comm: ctx.origin.as_ref().map(|o| o.comm.clone()),
-        original_dst: ctx.origin.as_ref().map(|o| o.addr),
-        sni: ctx.sni.clone(),
-        method: req.method().to_string(),
+        conn: ctx.audit.clone(),
+        method: req.method().clone(),
         path: redact_path(req.uri().path_and_query().map_or("/", |p| p.as_str())),
-        secret: ctx.secret_name.clone(),
     };
     let scope = Arc::new(RequestScope::new(
         RequestAudit::new(info),
@@ -181,7 +178,7 @@ async fn relay_request(
         (Some(limit), Some(t)) if t.load(Ordering::SeqCst) => RelayError::BodyTooLarge { limit },
         _ => e.into(),
     })?;
-    strip_hop_by_hop(resp.headers_mut());
+    hop::strip(resp.headers_mut());
     *resp.version_mut() = Version::HTTP_11;
     Ok(resp)
 }
@@ -242,42 +239,12 @@ pub(crate) fn authority_matches(auth: &str, sni: &str, port: u16) -> bool {
     host.eq_ignore_ascii_case(sni) && p.is_none_or(|p| p == 443 || p == port)
 }
 
-/// Headers meaningful only for one hop (RFC 9110 §7.6.1), plus the ones
-/// the Connection header names.
-fn hop_by_hop(headers: &HeaderMap) -> Vec<HeaderName> {
-    let mut names: Vec<HeaderName> = [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ]
-    .into();
-    for v in headers.get_all(header::CONNECTION) {
-        if let Ok(v) = v.to_str() {
-            names.extend(
-                v.split(',')
-                    .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok()),
-            );
-        }
-    }
-    names
-}
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in hop_by_hop(headers) {
-        headers.remove(name);
-    }
-}
-
 /// The client's headers minus hop-by-hop ones, minus anything the sandbox
 /// could use to steer the tokenizer (`Proxy-*`: it must not add its own
 /// sealed secrets or credentials) or to spoof Fly's source attestation.
 /// HTTP/2 may split Cookie into several fields; HTTP/1.1 wants one.
 fn forwardable_headers(inbound: &HeaderMap) -> HeaderMap {
-    let drop = hop_by_hop(inbound);
+    let drop = HopByHop::of(inbound);
     let mut out = HeaderMap::with_capacity(inbound.len() + 4);
     let mut cookies: Vec<&[u8]> = Vec::new();
     for (name, value) in inbound {

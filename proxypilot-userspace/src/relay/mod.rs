@@ -310,14 +310,21 @@ impl Relay {
             return; // unreachable: the policy only intercepts hosts with a secret
         };
         let port = origin.as_ref().map_or(443, |o| o.addr.port());
+        let audit = Arc::new(crate::audit::ConnectionInfo {
+            pid: origin.as_ref().map(|o| o.pid),
+            comm: origin.as_ref().map(|o| o.comm.clone()),
+            original_dst: origin.as_ref().map(|o| o.addr),
+            sni: host.clone(),
+            secret: secret.clone(),
+        });
         let ctx = Arc::new(intercept::ConnCtx {
             relay: self.clone(),
             sni: host,
             secret_name: secret,
             credential,
-            origin,
             port,
             active: Arc::new(AtomicUsize::new(0)),
+            audit,
         });
         intercept::serve_http(tls, ctx).await;
     }

@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{header, HeaderMap, HeaderName, Method, Request, Response, Uri, Version};
+use http::{header, Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -161,7 +161,7 @@ where
         return Err(bad("must specify host"));
     }
 
-    strip_hop_by_hop(&mut parts.headers);
+    crate::hop::strip(&mut parts.headers);
     let applied = cfg.engine.apply(&mut parts)?;
     // Fly-Src attestation is for this hop (the tokenizer); the upstream API
     // has no use for it.
@@ -196,7 +196,7 @@ where
     let body = applied.body.apply(&mut parts.headers, body).await?;
     let resp = cfg.client.send(Request::from_parts(parts, body)).await?;
     let (mut rparts, rbody) = resp.into_parts();
-    strip_hop_by_hop(&mut rparts.headers);
+    crate::hop::strip(&mut rparts.headers);
     let rbody = rbody
         .map_err(|e| -> super::body::BoxError { Box::new(e) })
         .boxed_unsync();
@@ -205,50 +205,4 @@ where
         secrets: applied.secrets,
         injected: applied.injected,
     })
-}
-
-/// Remove hop-by-hop headers (RFC 9110 7.6.1), including those the
-/// Connection header names, and Proxy-Connection.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        // Never let Connection smuggle away what we must strip ourselves
-        // (they are removed below anyway) or add.
-        h.remove(n);
-    }
-    for n in [
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        h.remove(n);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", "close, x-private".parse().unwrap());
-        h.insert("x-private", "1".parse().unwrap());
-        h.insert("proxy-connection", "keep-alive".parse().unwrap());
-        h.insert("transfer-encoding", "chunked".parse().unwrap());
-        h.insert("x-keep", "1".parse().unwrap());
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-keep"));
-    }
 }
