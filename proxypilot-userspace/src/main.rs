@@ -46,14 +46,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Logs go to stderr through a writer thread, so a request's audit line
 /// costs the relay's workers a channel send, not a write(2) that can block
 /// on a full pipe. Lines are never dropped (`lossy(false)`): when the
-/// channel is full, loggers wait. The returned guard flushes on drop.
+/// channel is full, loggers wait. The writer thread flushes whenever it
+/// has drained the channel, so the buffer only merges lines that were
+/// already queued into one write(2) instead of one each. The returned
+/// guard flushes on drop.
 fn init_tracing(format: LogFormat, default_level: &str) -> WorkerGuard {
     let filter =
         EnvFilter::try_from_env("PROXYPILOT_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("proxypilot-log")
-        .finish(std::io::stderr());
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     // `init` also bridges the `log` crate, through which eBPF log records arrive.
     use std::io::IsTerminal;
     let builder = fmt()
