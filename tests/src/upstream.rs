@@ -483,6 +483,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn, state: &Arc<State>) -> Resp
 
     let resp = match route.as_str() {
         "/echo" => json_response(StatusCode::OK, echo_json(&record)),
+        "/reply" => reply(),
         "/echo-body" => echo_body(body).await,
         "/bytes" => bytes_response(query.get("n").and_then(|n| n.parse().ok()).unwrap_or(0)),
         "/sse" => generic_sse(state, &query),
@@ -898,6 +899,29 @@ fn echo_json(r: &RequestRecord) -> Value {
     }
     json!({"host": r.host, "sni": r.sni, "version": r.version, "method": r.method,
            "path": r.path, "headers": headers})
+}
+
+/// A fixed JSON answer the size of a short API reply (~450 bytes) that,
+/// unlike `/echo`, carries nothing from the request: the benchmark's
+/// steady state, where the proxy's echo redaction has nothing to mask.
+fn reply() -> Response<Body> {
+    const REPLY: &str = concat!(
+        r#"{"id":"msg_01XFDUDYJgAACzvnptvVoYEL","type":"message","role":"assistant","#,
+        r#""model":"claude-sonnet-4-5","content":[{"type":"text","text":"Hello! "#,
+        r#"The proxy relayed this reply without buffering it. Nothing in it comes "#,
+        r#"from the request, so there is nothing to redact."}],"stop_reason":"#,
+        r#""end_turn","stop_sequence":null,"usage":{"input_tokens":12,"#,
+        r#""cache_creation_input_tokens":0,"cache_read_input_tokens":0,"#,
+        r#""output_tokens":31,"service_tier":"standard"}}"#
+    );
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(REPLY.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    r
 }
 
 /// Reads the body frame by frame (never whole) and reports its length and
