@@ -483,7 +483,13 @@ async fn handle(req: Request<Incoming>, conn: &Conn, state: &Arc<State>) -> Resp
 
     let resp = match route.as_str() {
         "/echo" => json_response(StatusCode::OK, echo_json(&record)),
-        "/reply" => reply(),
+        "/reply" => {
+            // `delay_ms`: the time a real API takes to answer.
+            if let Some(ms) = query.get("delay_ms").and_then(|v| v.parse().ok()) {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            reply()
+        }
         "/echo-body" => echo_body(body).await,
         "/bytes" => bytes_response(query.get("n").and_then(|n| n.parse().ok()).unwrap_or(0)),
         "/sse" => generic_sse(state, &query),
