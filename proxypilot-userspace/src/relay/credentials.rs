@@ -29,20 +29,19 @@ impl Slot {
         }
     }
 
-    /// The format whose fixed prefix the client's value starts with
-    /// ("token dummy" → "token %s"), else the first.
-    fn format_for(&self, client_value: &[u8]) -> &str {
-        self.formats
-            .iter()
-            .find(|f| {
-                let prefix = f.split("%s").next().unwrap_or("").as_bytes();
-                !prefix.is_empty()
-                    && client_value.len() >= prefix.len()
-                    && client_value[..prefix.len()].eq_ignore_ascii_case(prefix)
-            })
-            .or_else(|| self.formats.iter().find(|f| f.starts_with("%s")))
-            .or(self.formats.first())
-            .map_or("%s", String::as_str)
+    /// Which of `formats` the client's value is in: the one whose fixed
+    /// prefix it starts with ("token dummy" → "token %s"), else a bare
+    /// `%s`, else the first. `None` when the slot lists no format.
+    fn format_index(&self, client_value: &[u8]) -> Option<usize> {
+        let prefixed = self.formats.iter().position(|f| {
+            let prefix = f.split("%s").next().unwrap_or("").as_bytes();
+            !prefix.is_empty()
+                && client_value.len() >= prefix.len()
+                && client_value[..prefix.len()].eq_ignore_ascii_case(prefix)
+        });
+        prefixed
+            .or_else(|| self.formats.iter().position(|f| f.starts_with("%s")))
+            .or((!self.formats.is_empty()).then_some(0))
     }
 }
 
@@ -66,12 +65,33 @@ pub fn preset_slots(host: &str) -> Vec<Slot> {
 pub struct Credential {
     sealed: HeaderValue,
     slots: Vec<Slot>,
+    /// Per slot, the `Proxy-Tokenizer` value for each of its formats (or
+    /// for `%s` when it lists none), built once: requests only pick one.
+    values: Vec<Vec<HeaderValue>>,
 }
 
 impl Credential {
     pub fn new(mut sealed: HeaderValue, slots: Vec<Slot>) -> Arc<Credential> {
         sealed.set_sensitive(true);
-        Arc::new(Credential { sealed, slots })
+        let values = slots
+            .iter()
+            .map(|slot| {
+                let formats: Vec<&str> = if slot.formats.is_empty() {
+                    vec!["%s"]
+                } else {
+                    slot.formats.iter().map(String::as_str).collect()
+                };
+                formats
+                    .into_iter()
+                    .map(|fmt| tokenizer_value(&sealed, &slot.header, fmt))
+                    .collect()
+            })
+            .collect();
+        Arc::new(Credential {
+            sealed,
+            slots,
+            values,
+        })
     }
 
     /// The `Proxy-Tokenizer` values for a request with `client` headers:
@@ -80,20 +100,10 @@ impl Credential {
     /// client filled none or the host has no slots.
     pub fn tokenizer_headers(&self, client: &HeaderMap) -> Vec<HeaderValue> {
         let mut out = Vec::new();
-        for slot in &self.slots {
+        for (slot, values) in self.slots.iter().zip(&self.values) {
             if let Some(v) = client.get(&slot.header) {
-                let params = serde_json::json!({
-                    "dst": slot.header.as_str(),
-                    "fmt": slot.format_for(v.as_bytes()),
-                });
-                let mut value = Vec::with_capacity(self.sealed.len() + 64);
-                value.extend_from_slice(self.sealed.as_bytes());
-                value.extend_from_slice(b"; ");
-                value.extend_from_slice(params.to_string().as_bytes());
-                let mut value = HeaderValue::from_bytes(&value)
-                    .expect("sealed secret and JSON are header-safe");
-                value.set_sensitive(true);
-                out.push(value);
+                let i = slot.format_index(v.as_bytes()).unwrap_or(0);
+                out.push(values[i].clone());
             }
         }
         if out.is_empty() {
@@ -101,6 +111,19 @@ impl Credential {
         }
         out
     }
+}
+
+/// `SEALED; {"dst":"header","fmt":"Bearer %s"}`, marked sensitive.
+fn tokenizer_value(sealed: &HeaderValue, header: &HeaderName, fmt: &str) -> HeaderValue {
+    let params = serde_json::json!({ "dst": header.as_str(), "fmt": fmt });
+    let mut value = Vec::with_capacity(sealed.len() + 64);
+    value.extend_from_slice(sealed.as_bytes());
+    value.extend_from_slice(b"; ");
+    value.extend_from_slice(params.to_string().as_bytes());
+    let mut value =
+        HeaderValue::from_bytes(&value).expect("sealed secret and JSON are header-safe");
+    value.set_sensitive(true);
+    value
 }
 
 #[cfg(test)]
@@ -163,6 +186,15 @@ mod tests {
         assert_eq!(
             c.tokenizer_headers(&headers(&[("authorization", "Bearer x")])),
             ["S"]
+        );
+    }
+
+    #[test]
+    fn a_slot_without_formats_takes_the_bare_value() {
+        let c = Credential::new(HeaderValue::from_static("S"), vec![Slot::new("x-key", &[])]);
+        assert_eq!(
+            c.tokenizer_headers(&headers(&[("x-key", "dummy")])),
+            [r#"S; {"dst":"x-key","fmt":"%s"}"#]
         );
     }
 }
