@@ -1,6 +1,7 @@
 //! The loopback info server: `GET /ca.pem` (the CA the sandbox must trust),
 //! `GET /policy` (what is intercepted and allowed; no secrets) and
-//! `GET /stats` (counters: open connections, cached leaf certificates).
+//! `GET /stats` (counters: open connections, cached leaf certificates,
+//! heap in use).
 //!
 //! The kernel policy lets the sandbox reach this one loopback port.
 
@@ -59,6 +60,32 @@ pub async fn serve(listener: TcpListener, state: Arc<InfoState>) {
     }
 }
 
+/// The body of `/stats`.
+#[derive(serde::Serialize)]
+struct Stats {
+    #[serde(flatten)]
+    relay: Option<crate::relay::RelayStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heap_in_use_bytes: Option<u64>,
+}
+
+/// Bytes the allocator has handed out and not taken back (glibc's
+/// mallinfo2: arena chunks in use plus mmapped blocks). Unlike RSS it keeps
+/// no high-water mark of freed memory, so growth in it under a steady load
+/// is a leak.
+fn heap_in_use_bytes() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's counters.
+        let m = unsafe { libc::mallinfo2() };
+        Some((m.uordblks + m.hblkhd) as u64)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
 fn respond(state: &InfoState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/ca.pem") => (
@@ -74,12 +101,12 @@ fn respond(state: &InfoState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         (&Method::GET, "/stats") => (
             StatusCode::OK,
             "application/json",
-            match &state.stats {
-                Some(relay) => {
-                    serde_json::to_string_pretty(&relay.stats()).expect("stats serialise")
-                }
-                None => "{}".into(),
-            } + "\n",
+            serde_json::to_string_pretty(&Stats {
+                relay: state.stats.as_ref().map(|r| r.stats()),
+                heap_in_use_bytes: heap_in_use_bytes(),
+            })
+            .expect("stats serialise")
+                + "\n",
         ),
         (&Method::GET, _) => (
             StatusCode::NOT_FOUND,
@@ -141,7 +168,16 @@ mod tests {
             serde_json::from_str(pol.split("\r\n\r\n").nth(1).unwrap()).unwrap();
         assert_eq!(json["intercepted_hosts"][0], "api.example.com");
         assert_eq!(json["allowed_destinations"][0], "198.51.100.0/24");
-        assert!(get("/stats").await.ends_with("\r\n\r\n{}\n"));
+        let stats = get("/stats").await;
+        let body = stats.split("\r\n\r\n").nth(1).unwrap();
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        let heap = v["heap_in_use_bytes"].as_u64().unwrap();
+        assert!(heap > 0 && heap < 1 << 40, "{v}");
+        assert_eq!(
+            v.as_object().unwrap().len(),
+            1,
+            "no relay, no relay counters: {v}"
+        );
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
     }
 }
