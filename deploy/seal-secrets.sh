@@ -2,7 +2,7 @@
 # seal-secrets.sh: seal the real API keys for the tokenizer and stage them as
 # Fly secrets of the app (replaces the original's wrap.sh).
 #
-# Usage: deploy/seal-secrets.sh [--dry-run] [--allow-missing]
+# Usage: deploy/seal-secrets.sh [--dry-run | --print-env] [--allow-missing]
 #
 # Environment (all required unless noted):
 #   SEAL_KEY           the tokenizer's seal (public) key, 64 hex digits
@@ -20,7 +20,9 @@
 # --stage only records them; the next `fly deploy` makes them visible to the
 # machine. --dry-run prints that fly command instead of running it (the
 # sealed values are safe to print: only the tokenizer can open them, and only
-# for this org/app and host).
+# for this org/app and host). --print-env prints NAME=VALUE lines instead, an
+# env file for `docker compose --env-file` (deploy/compose.yaml); fly is not
+# needed then.
 #
 # --allow-missing skips a key whose variable is unset (with a warning) instead
 # of failing; remove the matching --target from machine-config.json then.
@@ -34,13 +36,14 @@
 #   api.github.com     Authorization: Bearer %s  or  Authorization: token %s
 set -euo pipefail
 
-dry_run=0
+output=stage
 allow_missing=0
 for arg in "$@"; do
     case "$arg" in
-        --dry-run) dry_run=1 ;;
+        --dry-run) output=command ;;
+        --print-env) output=env ;;
         --allow-missing) allow_missing=1 ;;
-        -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
         *) echo "seal-secrets.sh: unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -100,7 +103,9 @@ add GH_SEALED GH_TOKEN api.github.com \
 [ "${#assignments[@]}" -gt 0 ] || die "nothing to seal"
 
 cmd=("$fly" secrets set --stage -a "$FLY_APP" "${assignments[@]}")
-if [ "$dry_run" -eq 1 ]; then
+if [ "$output" = env ]; then
+    printf '%s\n' "${assignments[@]}"
+elif [ "$output" = command ]; then
     # One shell-quoted command line on stdout.
     printf '%q ' "${cmd[@]}"
     printf '\n'

@@ -9,6 +9,12 @@
 //! network byte order, exactly as the kernel's `user_ip6` field is.
 #![no_std]
 
+#[cfg(feature = "user")]
+extern crate std;
+
+#[cfg(feature = "user")]
+pub mod origin;
+
 /// Names of the maps in the eBPF object, so both halves agree on them.
 pub mod map_names {
     /// `Array<Config>` with one slot: where the proxy listens, whom to exempt.
@@ -23,7 +29,29 @@ pub mod map_names {
     pub const PEER_ORIGIN: &str = "PEER_ORIGIN";
     /// `RingBuf` of [`super::DenyEvent`]s.
     pub const DENIALS: &str = "DENIALS";
+    /// `PerCpuArray<u64>`, one slot per [`super::drop_slot`]: packets the
+    /// backstop dropped.
+    pub const PACKET_DROPS: &str = "PACKET_DROPS";
+    /// `PerCpuArray<u64>`, one slot per [`super::drop_slot`]: when a dropped
+    /// packet was last reported (ns since boot).
+    pub const DROP_REPORTED: &str = "DROP_REPORTED";
+    /// `Array<u64>` with one slot: the sandbox cgroup, whose packet-socket
+    /// frames (and its descendants') the interface guard drops; 0 for none.
+    pub const FRAME_GUARD: &str = "FRAME_GUARD";
 }
+
+/// Slots of the per-direction maps of the packet backstop.
+pub mod drop_slot {
+    pub const EGRESS: u32 = 0;
+    pub const INGRESS: u32 = 1;
+    /// Frames from packet sockets, dropped by the interface guard.
+    pub const FRAMES: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+/// A flood of dropped packets is counted in full but reported at most once
+/// per this many nanoseconds per CPU and direction.
+pub const DROP_REPORT_INTERVAL_NS: u64 = 100_000_000;
 
 /// Capacity of the two origin maps. They are LRU maps, so a flood of
 /// connects evicts the oldest entries instead of failing new ones.
@@ -118,31 +146,84 @@ impl AllowTarget {
     pub const PORT_BITS: u32 = 32;
 }
 
-/// Which hook denied a connection.
-pub mod hook {
-    pub const CONNECT4: u32 = 1;
-    pub const CONNECT6: u32 = 2;
-    pub const SENDMSG4: u32 = 3;
-    pub const SENDMSG6: u32 = 4;
+/// Declares a `#[repr(u32)]` code written by the programs into
+/// [`DenyEvent`] and read back with `TryFrom<u32>` (the event keeps a plain
+/// `u32`, so any bytes in the ring buffer are a valid event).
+macro_rules! event_code {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident = $value:literal,)* }) => {
+        $(#[$meta])*
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant = $value,)*
+        }
+
+        impl TryFrom<u32> for $name {
+            /// The value that is not a known code.
+            type Error = u32;
+
+            fn try_from(code: u32) -> Result<Self, u32> {
+                match code {
+                    $($value => Ok(Self::$variant),)*
+                    other => Err(other),
+                }
+            }
+        }
+    };
 }
 
-/// Why a connection was denied.
-pub mod deny_reason {
-    /// The destination is not on the allow list.
-    pub const NOT_ALLOWED: u32 = 1;
-    /// UDP to port 443 (QUIC) is always refused.
-    pub const QUIC: u32 = 2;
-    /// An intercepted port, but no listener of that family is configured.
-    pub const NO_LISTENER: u32 = 3;
-    /// A transport other than TCP or UDP.
-    pub const PROTOCOL: u32 = 4;
-    /// The origin map could not record the connection.
-    pub const MAP_FULL: u32 = 5;
-    /// The sandbox dialled the proxy's own listener instead of a destination.
-    pub const DIRECT_TO_PROXY: u32 = 6;
+event_code! {
+    /// Which hook denied a connection, socket, option or packet.
+    pub enum Hook {
+        Connect4 = 1,
+        Connect6 = 2,
+        Sendmsg4 = 3,
+        Sendmsg6 = 4,
+        /// `cgroup/sock_create`: a socket of a kind other than TCP or UDP.
+        SockCreate = 5,
+        /// `cgroup/setsockopt`: an option that changes where packets go.
+        Setsockopt = 6,
+        /// `cgroup_skb/egress`: a packet leaving a sandbox socket.
+        Egress = 7,
+        /// `cgroup_skb/ingress`: a packet arriving for a sandbox socket.
+        Ingress = 8,
+        /// tc egress on an interface: a frame a sandbox packet socket sent.
+        Frame = 9,
+    }
 }
 
-/// One denied connect or send, reported to user space.
+event_code! {
+    /// Why something was denied.
+    pub enum DenyReason {
+        /// The destination is not on the allow list.
+        NotAllowed = 1,
+        /// UDP to port 443 (QUIC) is always refused.
+        Quic = 2,
+        /// An intercepted port, but no listener of that family is configured.
+        NoListener = 3,
+        /// A transport other than TCP or UDP.
+        Protocol = 4,
+        /// The origin map could not record the connection.
+        MapFull = 5,
+        /// The sandbox dialled the proxy's own listener instead of a destination.
+        DirectToProxy = 6,
+        /// A socket option that changes a packet's route or headers.
+        Sockopt = 7,
+        /// An IPv4 packet with options, or an IPv6 packet with extension headers.
+        IpOptions = 8,
+        /// An IP fragment (the hooks see whole packets; only raw sockets make these).
+        Fragment = 9,
+        /// A packet the backstop could not read (not IPv4 or IPv6, or truncated).
+        Malformed = 10,
+        /// A frame from a socket that is not inet (AF_PACKET): below every IP hook.
+        FrameSocket = 11,
+    }
+}
+
+/// One denied connect, send, socket, socket option or packet, reported to
+/// user space. For packets, `origin.addr`/`port` are the peer (destination on
+/// egress, source on ingress), `uid` the socket's owner, and `tgid`/`comm`
+/// are empty: packets are not always handled by the task that sent them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DenyEvent {
@@ -150,11 +231,13 @@ pub struct DenyEvent {
     pub origin: Origin,
     /// `IPPROTO_*` of the socket.
     pub protocol: u32,
-    /// One of [`hook`].
+    /// A [`Hook`], as `u32`.
     pub hook: u32,
-    /// One of [`deny_reason`].
+    /// A [`DenyReason`], as `u32`.
     pub reason: u32,
-    pub _pad: u32,
+    /// Hook specific: the socket type for [`Hook::SockCreate`], `level << 16 |
+    /// optname` for [`Hook::Setsockopt`], 0 otherwise.
+    pub detail: u32,
 }
 
 /// The 16 bytes of an IPv4-mapped IPv6 address, as `addr` words, for an IPv4
@@ -194,6 +277,18 @@ mod tests {
         assert_eq!(size_of::<PeerKey>(), 20);
         assert_eq!(size_of::<AllowTarget>(), 20);
         assert_eq!(size_of::<DenyEvent>(), size_of::<Origin>() + 16);
+    }
+
+    #[test]
+    fn event_codes_round_trip() {
+        for hook in [Hook::Connect4, Hook::Egress, Hook::Frame] {
+            assert_eq!(Hook::try_from(hook as u32), Ok(hook));
+        }
+        for reason in [DenyReason::NotAllowed, DenyReason::FrameSocket] {
+            assert_eq!(DenyReason::try_from(reason as u32), Ok(reason));
+        }
+        assert_eq!(Hook::try_from(0), Err(0));
+        assert_eq!(DenyReason::try_from(12), Err(12));
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //!   forgets both records when the socket closes.
 //! * `getpeername4` / `getpeername6` show the client its original peer.
 //! * `sendmsg4` / `sendmsg6` apply the UDP policy to unconnected sends.
+//! * `sock_create` and `setsockopt` (programs/refusals.rs) refuse sockets
+//!   other than TCP and UDP, and the options that reroute packets.
+//! * `packet_egress` / `packet_ingress` (programs/backstop.rs) apply the same
+//!   allowlist to every packet, and count what they drop.
 //!
 //! Each hook is a thin wrapper around a `try_*` function; the policy itself is
 //! in `decide`, shared by all address hooks.
@@ -19,5 +23,5 @@ mod programs;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {
-    eprintln!("proxypilot-ebpf is built for the bpfel-unknown-none target by proxypilot-userspace's build script");
+    eprintln!("proxypilot-ebpf is built for the bpfel-unknown-none target by proxypilot-kernel's build script");
 }

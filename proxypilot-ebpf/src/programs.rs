@@ -10,16 +10,20 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     },
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::{SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use aya_log_ebpf::warn;
 use proxypilot_common::{
-    deny_reason, hook, is_mapped_ip4, mapped_ip4, AllowTarget, Config, DenyEvent, Origin, PeerKey,
-    ALLOWED_MAP_ENTRIES, ALLOW_TCP, ALLOW_UDP, DENIALS_BYTES, INTERCEPT_PORT_ENTRIES, IPPROTO_TCP,
-    IPPROTO_UDP, ORIGIN_MAP_ENTRIES, QUIC_PORT,
+    drop_slot, is_mapped_ip4, mapped_ip4, AllowTarget, Config, DenyEvent, DenyReason, Hook, Origin,
+    PeerKey, ALLOWED_MAP_ENTRIES, ALLOW_TCP, ALLOW_UDP, DENIALS_BYTES, INTERCEPT_PORT_ENTRIES,
+    IPPROTO_TCP, IPPROTO_UDP, ORIGIN_MAP_ENTRIES, QUIC_PORT,
 };
+
+mod backstop;
+mod frames;
+mod refusals;
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -48,6 +52,15 @@ static PEER_ORIGIN: LruHashMap<PeerKey, Origin> = LruHashMap::pinned(ORIGIN_MAP_
 #[map]
 static DENIALS: RingBuf = RingBuf::pinned(DENIALS_BYTES, 0);
 
+#[map]
+static PACKET_DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drop_slot::COUNT, 0);
+
+#[map]
+static DROP_REPORTED: PerCpuArray<u64> = PerCpuArray::pinned(drop_slot::COUNT, 0);
+
+#[map]
+static FRAME_GUARD: Array<u64> = Array::pinned(1, 0);
+
 /// A destination as the address hooks see it, normalised to 16 bytes.
 #[derive(Clone, Copy)]
 struct Dest {
@@ -59,27 +72,27 @@ struct Dest {
 enum Verdict {
     Pass,
     Redirect(Dest),
-    Deny(u32),
+    Deny(DenyReason),
 }
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    on_address::<false>(&ctx, hook::CONNECT4, true)
+    on_address::<false>(&ctx, Hook::Connect4, true)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    on_address::<true>(&ctx, hook::CONNECT6, true)
+    on_address::<true>(&ctx, Hook::Connect6, true)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    on_address::<false>(&ctx, hook::SENDMSG4, false)
+    on_address::<false>(&ctx, Hook::Sendmsg4, false)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
-    on_address::<true>(&ctx, hook::SENDMSG6, false)
+    on_address::<true>(&ctx, Hook::Sendmsg6, false)
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -126,7 +139,7 @@ fn is_exempt(config: &Config) -> bool {
 /// `V6` is a const parameter so each hook gets its own copy with constant
 /// field offsets: the verifier rejects context loads at computed offsets.
 #[inline(always)]
-fn on_address<const V6: bool>(ctx: &SockAddrContext, hook: u32, is_connect: bool) -> i32 {
+fn on_address<const V6: bool>(ctx: &SockAddrContext, hook: Hook, is_connect: bool) -> i32 {
     let Some(config) = config() else {
         // Not configured yet: nothing passes (fail closed).
         return DENY;
@@ -151,14 +164,14 @@ fn on_address<const V6: bool>(ctx: &SockAddrContext, hook: u32, is_connect: bool
             let origin = origin_of(dest, family::<V6>());
             if SOCK_ORIGIN.insert(&cookie, &origin, 0).is_err() {
                 warn!(ctx, "proxypilot: could not record an intercepted connect");
-                report(&origin, protocol, hook, deny_reason::MAP_FULL);
+                report(&origin, protocol, hook, DenyReason::MapFull, 0);
                 return DENY;
             }
             write_dest::<V6>(sa, to);
             PASS
         }
         Verdict::Deny(reason) => {
-            report(&origin_of(dest, family::<V6>()), protocol, hook, reason);
+            report(&origin_of(dest, family::<V6>()), protocol, hook, reason, 0);
             DENY
         }
     }
@@ -168,7 +181,7 @@ fn decide_connect(config: &Config, protocol: u32, dest: Dest, cookie: u64) -> Ve
     match protocol {
         IPPROTO_TCP => decide_tcp(config, dest, cookie),
         IPPROTO_UDP => decide_udp(protocol, dest),
-        _ => Verdict::Deny(deny_reason::PROTOCOL),
+        _ => Verdict::Deny(DenyReason::Protocol),
     }
 }
 
@@ -183,7 +196,7 @@ fn decide_tcp(config: &Config, dest: Dest, cookie: u64) -> Verdict {
             return if unsafe { SOCK_ORIGIN.get(&cookie) }.is_some() {
                 Verdict::Pass
             } else {
-                Verdict::Deny(deny_reason::DIRECT_TO_PROXY)
+                Verdict::Deny(DenyReason::DirectToProxy)
             };
         }
     }
@@ -191,28 +204,28 @@ fn decide_tcp(config: &Config, dest: Dest, cookie: u64) -> Verdict {
     if unsafe { INTERCEPT_PORTS.get(&dest.port) }.is_some() {
         return match listener {
             Some(l) => Verdict::Redirect(l),
-            None => Verdict::Deny(deny_reason::NO_LISTENER),
+            None => Verdict::Deny(DenyReason::NoListener),
         };
     }
     if allowed(dest, ALLOW_TCP) {
         Verdict::Pass
     } else {
-        Verdict::Deny(deny_reason::NOT_ALLOWED)
+        Verdict::Deny(DenyReason::NotAllowed)
     }
 }
 
 fn decide_udp(protocol: u32, dest: Dest) -> Verdict {
     if protocol != IPPROTO_UDP {
         // sendmsg only runs for datagram sockets; anything else is odd.
-        return Verdict::Deny(deny_reason::PROTOCOL);
+        return Verdict::Deny(DenyReason::Protocol);
     }
     if dest.port == QUIC_PORT {
-        return Verdict::Deny(deny_reason::QUIC);
+        return Verdict::Deny(DenyReason::Quic);
     }
     if allowed(dest, ALLOW_UDP) {
         Verdict::Pass
     } else {
-        Verdict::Deny(deny_reason::NOT_ALLOWED)
+        Verdict::Deny(DenyReason::NotAllowed)
     }
 }
 
@@ -269,13 +282,13 @@ fn origin_of(dest: Dest, family: u16) -> Origin {
     }
 }
 
-fn report(origin: &Origin, protocol: u32, hook: u32, reason: u32) {
+fn report(origin: &Origin, protocol: u32, hook: Hook, reason: DenyReason, detail: u32) {
     let event = DenyEvent {
         origin: *origin,
         protocol,
-        hook,
-        reason,
-        _pad: 0,
+        hook: hook as u32,
+        reason: reason as u32,
+        detail,
     };
     // A full ring only loses the report, never the verdict.
     let _ = DENIALS.output::<DenyEvent>(&event, 0);

@@ -23,7 +23,8 @@ pub struct ConnectionInfo {
     pub comm: Option<String>,
     pub original_dst: Option<SocketAddr>,
     pub sni: String,
-    pub secret: String,
+    /// The secret's name (its variable); logged as `secret=`.
+    pub secret_name: String,
 }
 
 /// Everything known about a request when it starts.
@@ -47,6 +48,8 @@ pub struct RequestAudit {
     bytes_out: AtomicU64,
     /// Echoes of the secret masked in the response (embedded tokenizer).
     redactions: std::sync::OnceLock<crate::tokenizer::redact::Redactions>,
+    /// What the host's `--permit`s decided (unset: refused before them).
+    rules: std::sync::OnceLock<crate::relay::rules::Decision>,
 }
 
 impl RequestAudit {
@@ -59,6 +62,7 @@ impl RequestAudit {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             redactions: std::sync::OnceLock::new(),
+            rules: std::sync::OnceLock::new(),
         }
     }
 
@@ -70,6 +74,34 @@ impl RequestAudit {
     /// Counts the response's masked echoes in this line.
     pub fn set_redactions(&self, r: crate::tokenizer::redact::Redactions) {
         let _ = self.redactions.set(r);
+    }
+
+    /// The response status so far (0: none yet).
+    pub fn status(&self) -> u16 {
+        self.status.load(Ordering::Relaxed)
+    }
+
+    /// Body bytes so far: (to the API, to the client).
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.bytes_in.load(Ordering::Relaxed),
+            self.bytes_out.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn elapsed(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// What the permits decided (`unrestricted`, `permitted`, `refused`),
+    /// or "" when the request was refused before they were asked.
+    pub fn rule_decision(&self) -> &'static str {
+        self.rules.get().map_or("", |d| d.name())
+    }
+
+    /// Records what the host's rule set decided, for this line.
+    pub fn set_rule_decision(&self, d: crate::relay::rules::Decision) {
+        let _ = self.rules.set(d);
     }
 
     pub fn set_status(&self, status: u16) {
@@ -105,12 +137,15 @@ impl Drop for RequestAudit {
             bytes_in = self.bytes_in.load(Ordering::Relaxed),
             bytes_out = self.bytes_out.load(Ordering::Relaxed),
             duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
-            secret = %c.secret,
+            secret = %c.secret_name,
             redacted = self.redactions.get().map_or(0, |r| r.count()),
+            // unrestricted, permitted or refused; "" when refused earlier.
+            decision = %self.rule_decision(),
+            rule = %self.rules.get().map(|d| d.rule()).unwrap_or_default(),
             "request"
         );
         if let Some(n) = self.redactions.get().map(|r| r.count()).filter(|n| *n > 0) {
-            tracing::warn!(target: TARGET, sni = %c.sni, path = %self.info.path, secret = %c.secret, redacted = n,
+            tracing::warn!(target: TARGET, sni = %c.sni, path = %self.info.path, secret = %c.secret_name, redacted = n,
                 "the upstream echoed the secret back; masked it in the response");
         }
     }
@@ -158,78 +193,13 @@ impl fmt::Display for Rfc3339 {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
-
-    /// A `MakeWriter` that collects everything written to it.
-    #[derive(Clone, Default)]
-    pub struct Capture(pub Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
-        type Writer = Capture;
-        fn make_writer(&'a self) -> Self::Writer {
-            self.clone()
-        }
-    }
 
     #[test]
     fn redacts_query_values() {
         assert_eq!(redact_path("/v1/messages"), "/v1/messages");
         assert_eq!(redact_path("/x?key=sk-secret&b=2&flag"), "/x?key=&b=&flag=");
         assert_eq!(redact_path("/x?"), "/x?");
-    }
-
-    #[test]
-    fn audit_line_has_fields_and_no_secret() {
-        let cap = Capture::default();
-        let sub = tracing_subscriber::fmt()
-            .json()
-            .with_writer(cap.clone())
-            .finish();
-        tracing::subscriber::with_default(sub, || {
-            let a = RequestAudit::new(RequestInfo {
-                conn: Arc::new(ConnectionInfo {
-                    pid: Some(42),
-                    comm: Some("curl".into()),
-                    original_dst: Some("203.0.113.10:443".parse().unwrap()),
-                    sni: "api.example.com".into(),
-                    secret: "EXAMPLE_SEALED".into(),
-                }),
-                method: http::Method::POST,
-                path: redact_path("/v1/messages?api_key=sk-live-123"),
-            });
-            a.set_status(200);
-            a.add_in(10);
-            a.add_out(20);
-        });
-        let out = String::from_utf8(cap.0.lock().unwrap().clone()).unwrap();
-        let line: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
-        let f = &line["fields"];
-        assert_eq!(line["target"], "audit");
-        assert_eq!(f["pid"], 42);
-        assert_eq!(f["process"], "curl");
-        assert_eq!(f["original_dst"], "203.0.113.10:443");
-        assert_eq!(f["sni"], "api.example.com");
-        assert_eq!(f["method"], "POST");
-        assert_eq!(f["path"], "/v1/messages?api_key=");
-        assert_eq!(f["status"], 200);
-        assert_eq!(f["bytes_in"], 10);
-        assert_eq!(f["bytes_out"], 20);
-        assert_eq!(f["secret"], "EXAMPLE_SEALED");
-        assert!(f["time"].as_str().unwrap().ends_with('Z'));
-        assert!(f["duration_ms"].is_number());
-        assert!(!out.contains("sk-live-123"));
     }
 }

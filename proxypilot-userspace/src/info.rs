@@ -5,17 +5,13 @@
 //!
 //! The kernel policy lets the sandbox reach this one loopback port.
 
-use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::policy::PolicySummary;
@@ -27,6 +23,8 @@ pub struct InfoState {
     pub policy: PolicySummary,
     /// Source of `/stats`; `None` serves an empty object.
     pub stats: Option<Arc<crate::relay::Relay>>,
+    /// Source of the packet backstop's counts in `/stats`.
+    pub kernel: Option<Arc<crate::kernel::Attachment>>,
 }
 
 /// Binds 127.0.0.1:`port`.
@@ -36,28 +34,7 @@ pub async fn bind(port: u16) -> std::io::Result<TcpListener> {
 
 /// Serves forever on `listener`.
 pub async fn serve(listener: TcpListener, state: Arc<InfoState>) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::error!(error = %e, "info server accept failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, &req)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
-                .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-        });
-    }
+    crate::local_http::serve(listener, "info", move |req| respond(&state, req)).await
 }
 
 /// The body of `/stats`.
@@ -67,6 +44,20 @@ struct Stats {
     relay: Option<crate::relay::RelayStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     heap_in_use_bytes: Option<u64>,
+    #[serde(flatten)]
+    packets_dropped: Option<PacketsDropped>,
+}
+
+/// What the packet backstop dropped since the programs were attached
+/// (flat, like every other field: `/stats` is plain counters).
+#[derive(serde::Serialize)]
+struct PacketsDropped {
+    #[serde(rename = "packets_dropped_egress")]
+    egress: u64,
+    #[serde(rename = "packets_dropped_ingress")]
+    ingress: u64,
+    #[serde(rename = "packets_dropped_frames")]
+    frames: u64,
 }
 
 /// Bytes the allocator has handed out and not taken back (glibc's
@@ -104,6 +95,14 @@ fn respond(state: &InfoState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             serde_json::to_string_pretty(&Stats {
                 relay: state.stats.as_ref().map(|r| r.stats()),
                 heap_in_use_bytes: heap_in_use_bytes(),
+                packets_dropped: state.kernel.as_ref().map(|k| {
+                    let d = k.packet_drops();
+                    PacketsDropped {
+                        egress: d.egress,
+                        ingress: d.ingress,
+                        frames: d.frames,
+                    }
+                }),
             })
             .expect("stats serialise")
                 + "\n",
@@ -144,6 +143,7 @@ mod tests {
                 allowed_destinations: vec!["198.51.100.0/24".into()],
             },
             stats: None,
+            kernel: None,
         });
         tokio::spawn(serve(listener, state));
         let get = |path: &'static str| async move {

@@ -7,15 +7,21 @@
 
 pub mod audit;
 pub mod cli;
-pub mod doctor;
-pub mod hop;
+pub mod fdlimit;
 pub mod info;
-pub mod kernel;
-pub mod paths;
+pub mod local_http;
+pub mod logbudget;
+pub mod memory;
 pub mod policy;
 pub mod relay;
 pub mod run;
 pub mod settings;
 pub mod sidecar;
 pub mod tls;
-pub mod tokenizer;
+
+// The kernel half and the tokenizer are crates of their own; these keep
+// `proxypilot::kernel::…`, `proxypilot::tokenizer::…` and `proxypilot::hop::…`
+// working for the binary, the tests and the fuzz targets.
+pub use proxypilot_kernel as kernel;
+pub use proxypilot_tokenizer as tokenizer;
+pub use proxypilot_tokenizer::hop;

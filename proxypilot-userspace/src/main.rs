@@ -6,7 +6,8 @@ use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::{fmt, EnvFilter};
 
 fn main() -> ExitCode {
-    bound_malloc_arenas();
+    proxypilot::memory::bound_malloc_arenas();
+    proxypilot::fdlimit::raise_to_hard();
     let cli = Cli::parse();
     // `run` shares the terminal with the command: only warnings by default.
     let quiet = matches!(cli.command, proxypilot::cli::Command::Run(_));
@@ -71,20 +72,4 @@ fn init_tracing(format: LogFormat, default_level: &str) -> WorkerGuard {
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
     guard
-}
-
-/// glibc gives each thread that meets contention a new malloc arena, up to
-/// 8 per core, and each keeps its high-water pages: the soak saw RSS step
-/// up by megabytes long after warm-up, then stay flat. One arena per core
-/// (the runtime has a worker per core) keeps the footprint steady. Must
-/// run before any thread starts.
-fn bound_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        // SAFETY: mallopt only sets an allocator parameter; no thread exists yet.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, cores.max(2) as libc::c_int);
-        }
-    }
 }

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
-use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::policy::{normalize_host, HostPattern};
@@ -36,6 +35,12 @@ pub struct RelayArgs {
     /// subdomain). Repeatable.
     #[arg(long = "allow", value_name = "HOST")]
     pub allow: Vec<String>,
+    /// Allow only matching requests to HOST (an intercepted host): METHOD
+    /// or `*`, PATH a glob (`*` one segment, `**` any number), e.g.
+    /// 'api.github.com GET /repos/acme/**'. Repeatable; a host without
+    /// permits allows everything, others get 403.
+    #[arg(long = "permit", value_name = "HOST METHOD PATH")]
+    pub permits: Vec<String>,
     /// Tokenizer URL (an HTTP proxy), or `embedded` for the in-process
     /// engine. Default: $PROXY, else http://tokenizer.flycast:8080.
     #[arg(long, value_name = "URL|embedded")]
@@ -60,6 +65,11 @@ pub struct RelayArgs {
     /// Loopback port serving /ca.pem and /policy [default: 15480].
     #[arg(long, value_name = "PORT")]
     pub info_port: Option<u16>,
+    /// Serve Prometheus metrics (`GET /metrics`) on ADDR, e.g.
+    /// 127.0.0.1:9464. Refused if an --allow-cidr would let the sandbox
+    /// reach it [default: off].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// TOML file with the same settings (keys named like the flags).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -75,6 +85,11 @@ pub struct LimitArgs {
     /// accept and logged [default: 4096].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Of those, the most one sandbox process may hold; its further
+    /// connections are closed, not everyone's [default: a quarter of
+    /// --max-connections].
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_process: Option<usize>,
     /// Largest request header block accepted [default: 65536].
     #[arg(long, value_name = "BYTES")]
     pub max_header_bytes: Option<usize>,
@@ -88,10 +103,19 @@ pub struct LimitArgs {
     /// for this long [default: 300s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
+    /// Close an upgraded (WebSocket) stream when no byte has moved either
+    /// way for this long [default: 300s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub stream_idle_timeout: Option<Duration>,
     /// Time allowed for the tokenizer's response head; long, since a
     /// non-streaming LLM call answers only when done [default: 600s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub response_timeout: Option<Duration>,
+    /// Cut a response the client has stopped reading (data waiting for it,
+    /// none taken) after this long, freeing its share of the shared
+    /// upstream connection [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub stall_timeout: Option<Duration>,
     /// Largest request body relayed to an intercepted host, in bytes or
     /// with a unit (512KiB, 10MiB, 1GiB); more is answered 413
     /// [default: no limit, since API uploads can be hundreds of MB].
@@ -149,24 +173,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
-/// A secret string: never printed by Debug or Display.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretString(String);
-
-impl SecretString {
-    pub fn new(s: String) -> Self {
-        SecretString(s)
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for SecretString {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "<redacted, {} bytes>", self.0.len())
-    }
-}
+/// Secret text (a sealed secret, a token, a real key): never printed, and
+/// wiped from memory on drop. One type for the relay and the tokenizer.
+pub use crate::tokenizer::secret::SecretString;
 
 /// An intercepted host and its sealed secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +186,8 @@ pub struct Target {
     pub sealed: SecretString,
     /// Headers the client may carry its dummy in (see relay::credentials).
     pub slots: Vec<crate::relay::credentials::Slot>,
+    /// What may be asked of the host (`--permit`); none: anything.
+    pub permits: Vec<crate::relay::rules::Permit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,9 +214,8 @@ pub struct RelaySettings {
     pub state_dir: PathBuf,
     pub ca_out: Option<PathBuf>,
     pub info_port: u16,
-    /// The `[kernel]` table of the config file, untouched, for the kernel
-    /// layer to parse with its own strict schema.
-    pub kernel_config: Option<toml::Table>,
+    /// `--metrics-listen`: where Prometheus scrapes; `None`: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub limits: Limits,
 }
 
@@ -215,6 +225,8 @@ pub struct RelaySettings {
 struct FileConfig {
     target: Option<TargetList>,
     allow: Option<Vec<String>>,
+    /// `permit = ["HOST METHOD PATH", ...]`, as the flag.
+    permit: Option<Vec<String>>,
     tokenizer: Option<String>,
     tokenizer_auth_env: Option<String>,
     open_key_file: Option<PathBuf>,
@@ -222,25 +234,48 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     ca_out: Option<PathBuf>,
     info_port: Option<u16>,
+    metrics_listen: Option<String>,
     max_connections: Option<usize>,
+    max_connections_per_process: Option<usize>,
     max_header_bytes: Option<usize>,
     handshake_timeout: Option<String>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
+    stream_idle_timeout: Option<String>,
     response_timeout: Option<String>,
+    stall_timeout: Option<String>,
     /// `10485760` or `"10MiB"`.
     max_request_body: Option<toml::Value>,
     /// `rate-limit = { "api.openai.com" = 5 }` (or a `[rate-limit]` table).
     rate_limit: Option<toml::Table>,
-    kernel: Option<toml::Table>,
+    /// Not read: named here only to refuse it with a clear message
+    /// (it used to be accepted and silently ignored).
+    kernel: Option<toml::Value>,
 }
 
-/// `target = ["host=ENV"]` or `[target]` with `"host" = "ENV"`.
+/// `target = ["host=ENV"]`, or `[target]` with `"host" = "ENV"` or
+/// `"host" = { secret = "ENV", permit = ["GET /x/**"] }`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum TargetList {
     List(Vec<String>),
-    Map(BTreeMap<String, String>),
+    Map(BTreeMap<String, TargetEntry>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TargetEntry {
+    Secret(String),
+    Table(TargetTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetTable {
+    secret: String,
+    /// `METHOD PATH` each (the host is the table's).
+    #[serde(default)]
+    permit: Vec<String>,
 }
 
 impl RelayArgs {
@@ -254,24 +289,57 @@ impl RelayArgs {
         &self,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> anyhow::Result<RelaySettings> {
-        let file = match &self.config {
+        let mut file = match &self.config {
             None => FileConfig::default(),
             Some(path) => read_config(path)?,
         };
         let mut errors: Vec<String> = Vec::new();
+        if file.kernel.is_some() {
+            errors.push(
+                "the config file's [kernel] table is not read: give the kernel policy as flags \
+                 (--listen, --intercept-port, --allow-cidr, --dns, --allow-unix) and remove the table"
+                    .to_string(),
+            );
+        }
 
         // Targets: file, then TARGETS, then flags, as (spec, where-from).
         let mut specs: Vec<(String, String)> = Vec::new();
-        match file.target {
+        // Permits as (HOST METHOD PATH, where-from), applied once targets are known.
+        let mut permit_specs: Vec<(String, String)> = Vec::new();
+        match file.target.take() {
             Some(TargetList::List(l)) => {
                 specs.extend(l.into_iter().map(|s| (s, "the config file".to_string())))
             }
-            Some(TargetList::Map(m)) => specs.extend(
-                m.into_iter()
-                    .map(|(h, e)| (format!("{h}={e}"), "the config file".to_string())),
-            ),
+            Some(TargetList::Map(m)) => {
+                for (h, e) in m {
+                    let secret = match e {
+                        TargetEntry::Secret(s) => s,
+                        TargetEntry::Table(t) => {
+                            permit_specs.extend(t.permit.iter().map(|p| {
+                                (
+                                    format!("{h} {p}"),
+                                    format!("permit of target {h:?} in the config file"),
+                                )
+                            }));
+                            t.secret
+                        }
+                    };
+                    specs.push((format!("{h}={secret}"), "the config file".to_string()));
+                }
+            }
             None => {}
         }
+        permit_specs.extend(
+            file.permit
+                .iter()
+                .flatten()
+                .map(|p| (p.clone(), "permit in the config file".to_string())),
+        );
+        permit_specs.extend(
+            self.permits
+                .iter()
+                .map(|p| (p.clone(), "--permit".to_string())),
+        );
         if let Some(t) = env("TARGETS") {
             specs.extend(
                 t.split(',')
@@ -300,6 +368,11 @@ impl RelayArgs {
                 },
             }
         }
+
+        add_permits(&mut targets, &permit_specs, &mut errors);
+        let limits = self
+            .limits
+            .resolve(&file, &|host| targets.contains_key(host), &mut errors);
 
         let mut allow = Vec::new();
         for a in file.allow.unwrap_or_default().iter().chain(&self.allow) {
@@ -377,7 +450,7 @@ impl RelayArgs {
                     if http::HeaderValue::from_str(&value).is_err() {
                         errors.push(format!("--tokenizer-auth-env {var}: the token has characters not allowed in a header"));
                     }
-                    Some(SecretString(value))
+                    Some(SecretString::new(value))
                 }
             },
         };
@@ -392,14 +465,80 @@ impl RelayArgs {
             );
         }
 
+        let metrics_listen = match (self.metrics_listen, &file.metrics_listen) {
+            (Some(a), _) => Some(a),
+            (None, Some(text)) => match text.parse() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    errors.push(format!(
+                        "metrics-listen {text:?} in the config file: write an address and port, e.g. \"127.0.0.1:9464\""
+                    ));
+                    None
+                }
+            },
+            (None, None) => None,
+        };
+
+        if !errors.is_empty() {
+            return Err(anyhow!(
+                "invalid relay configuration:\n  - {}",
+                errors.join("\n  - ")
+            ));
+        }
+        Ok(RelaySettings {
+            targets: targets.into_values().collect(),
+            allow,
+            tokenizer,
+            proxy_authorization,
+            state_dir: self
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            ca_out: self.ca_out.clone().or(file.ca_out),
+            info_port,
+            metrics_listen,
+            limits,
+        })
+    }
+}
+
+impl LimitArgs {
+    /// The limits from these flags, else the config file's keys, else the
+    /// defaults; what is wrong goes to `errors`. `intercepted` says which
+    /// hosts may have a rate limit.
+    fn resolve(
+        &self,
+        file: &FileConfig,
+        intercepted: &dyn Fn(&str) -> bool,
+        errors: &mut Vec<String>,
+    ) -> Limits {
         let mut limits = Limits::default();
-        let l = &self.limits;
+        let l = self;
         if let Some(n) = l.max_connections.or(file.max_connections) {
             if n == 0 {
                 errors.push("max-connections must be at least 1".into());
             }
             limits.max_connections = n.max(1);
         }
+        limits.max_connections_per_process = match l
+            .max_connections_per_process
+            .or(file.max_connections_per_process)
+        {
+            Some(0) => {
+                errors.push("max-connections-per-process must be at least 1".into());
+                1
+            }
+            Some(n) if n > limits.max_connections => {
+                errors.push(format!(
+                    "max-connections-per-process {n} is above max-connections {}; lower it or raise max-connections",
+                    limits.max_connections
+                ));
+                n
+            }
+            Some(n) => n,
+            None => (limits.max_connections / crate::relay::PROCESS_SHARE).max(1),
+        };
         if let Some(n) = l.max_header_bytes.or(file.max_header_bytes) {
             if n < 1024 {
                 errors.push(format!(
@@ -428,10 +567,22 @@ impl RelayArgs {
                 &mut limits.idle_timeout,
             ),
             (
+                "stream-idle-timeout",
+                l.stream_idle_timeout,
+                &file.stream_idle_timeout,
+                &mut limits.stream_idle_timeout,
+            ),
+            (
                 "response-timeout",
                 l.response_timeout,
                 &file.response_timeout,
                 &mut limits.response_timeout,
+            ),
+            (
+                "stall-timeout",
+                l.stall_timeout,
+                &file.stall_timeout,
+                &mut limits.stall_timeout,
             ),
         ] {
             match (flag, from_file) {
@@ -451,29 +602,41 @@ impl RelayArgs {
             },
             (None, None) => {}
         }
-        limits.rate_limits = rate_limits(&file.rate_limit, &l.rate_limits, &targets, &mut errors);
+        limits.rate_limits = rate_limits(&file.rate_limit, &l.rate_limits, intercepted, errors);
+        limits
+    }
 
-        if !errors.is_empty() {
-            return Err(anyhow!(
-                "invalid relay configuration:\n  - {}",
-                errors.join("\n  - ")
-            ));
+    /// As above for `proxypilot run`, which has no config file.
+    pub fn resolve_for_run(&self, intercepted: &dyn Fn(&str) -> bool) -> anyhow::Result<Limits> {
+        let mut errors = Vec::new();
+        let limits = self.resolve(&FileConfig::default(), intercepted, &mut errors);
+        if errors.is_empty() {
+            Ok(limits)
+        } else {
+            Err(anyhow!("invalid limits:\n  - {}", errors.join("\n  - ")))
         }
-        Ok(RelaySettings {
-            targets: targets.into_values().collect(),
-            allow,
-            tokenizer,
-            proxy_authorization,
-            state_dir: self
-                .state_dir
-                .clone()
-                .or(file.state_dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-            ca_out: self.ca_out.clone().or(file.ca_out),
-            info_port,
-            kernel_config: file.kernel,
-            limits,
-        })
+    }
+}
+
+/// Attaches each `HOST METHOD PATH` permit (with where it came from) to
+/// its target; every HOST must be intercepted.
+fn add_permits(
+    targets: &mut BTreeMap<String, Target>,
+    specs: &[(String, String)],
+    errors: &mut Vec<String>,
+) {
+    for (spec, from) in specs {
+        match crate::relay::rules::parse_host_permit(spec) {
+            Err(e) => errors.push(format!("{from}: {e}")),
+            Ok((host, permit)) => match targets.get_mut(&host) {
+                None => errors.push(format!(
+                    "{from} {spec:?}: {host} is not an intercepted host; add --target {host}=ENVVAR \
+                     (proxypilot run: --secret VAR=HOST) or drop the permit"
+                )),
+                Some(t) if t.permits.contains(&permit) => {}
+                Some(t) => t.permits.push(permit),
+            },
+        }
     }
 }
 
@@ -495,14 +658,14 @@ fn size_value(v: &toml::Value) -> Result<u64, String> {
 fn rate_limits(
     file: &Option<toml::Table>,
     flags: &[String],
-    targets: &BTreeMap<String, Target>,
+    intercepted: &dyn Fn(&str) -> bool,
     errors: &mut Vec<String>,
 ) -> BTreeMap<String, u32> {
     let mut out = BTreeMap::new();
     let mut add = |from: String, parsed: Result<(&str, u32), String>| {
         let checked = parsed.and_then(|(host, n)| {
             let host = normalize_host(host)?;
-            if !targets.contains_key(&host) {
+            if !intercepted(&host) {
                 return Err(format!(
                     "{host} is not an intercepted host; add --target {host}=ENVVAR or drop the limit"
                 ));
@@ -578,7 +741,8 @@ fn parse_target(spec: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Targ
         slots: crate::relay::credentials::preset_slots(&host),
         host,
         secret_name: var.to_string(),
-        sealed: SecretString(sealed),
+        sealed: SecretString::new(sealed),
+        permits: Vec::new(),
     })
 }
 
@@ -611,6 +775,26 @@ fn check_pem_certs(path: &Path) -> Result<(), String> {
 }
 
 impl RelaySettings {
+    /// Adds `--permit HOST METHOD PATH` rules to the targets (what
+    /// `proxypilot run` gives after it built its targets from `--secret`).
+    pub fn add_permits(&mut self, specs: &[String]) -> anyhow::Result<()> {
+        let mut targets: BTreeMap<String, Target> = std::mem::take(&mut self.targets)
+            .into_iter()
+            .map(|t| (t.host.clone(), t))
+            .collect();
+        let mut errors = Vec::new();
+        let specs: Vec<(String, String)> = specs
+            .iter()
+            .map(|s| (s.clone(), "--permit".to_string()))
+            .collect();
+        add_permits(&mut targets, &specs, &mut errors);
+        self.targets = targets.into_values().collect();
+        if !errors.is_empty() {
+            return Err(anyhow!("invalid permits:\n  - {}", errors.join("\n  - ")));
+        }
+        Ok(())
+    }
+
     /// The intercepted host names, sorted.
     pub fn intercepted_hosts(&self) -> Vec<String> {
         self.targets.iter().map(|t| t.host.clone()).collect()
@@ -647,17 +831,12 @@ impl RelaySettings {
     pub fn build_relay(
         &self,
         ca: Arc<CertAuthority>,
-        allow_cidrs: Vec<IpNet>,
+        allow_cidrs: Vec<crate::policy::AllowedNet>,
         embedded: Option<Arc<dyn Forward>>,
     ) -> anyhow::Result<Arc<Relay>> {
         let forwarder = match (&self.tokenizer, embedded) {
             (TokenizerMode::Remote { url }, _) => Forwarder::Remote(Arc::new(
-                RemoteTokenizer::new(
-                    url,
-                    self.limits.connect_timeout,
-                    self.limits.response_timeout,
-                )
-                .map_err(|e| anyhow!(e))?,
+                RemoteTokenizer::new(url, self.limits.connect_timeout).map_err(|e| anyhow!(e))?,
             )),
             (TokenizerMode::Embedded { .. }, Some(engine)) => Forwarder::Embedded(engine),
             (TokenizerMode::Embedded { .. }, None) => {
@@ -710,7 +889,7 @@ mod tests {
         let file = dir.join("c.toml");
         std::fs::write(
             &file,
-            "max-connections = 7\nidle-timeout = \"5m\"\nheader-read-timeout = \"250ms\"\n",
+            "max-connections = 7\nidle-timeout = \"5m\"\nheader-read-timeout = \"250ms\"\nstream-idle-timeout = \"2m\"\n",
         )
         .unwrap();
         let args = RelayArgs {
@@ -731,6 +910,7 @@ mod tests {
             "a flag beats the file"
         );
         assert_eq!(s.limits.header_read_timeout, Duration::from_millis(250));
+        assert_eq!(s.limits.stream_idle_timeout, Duration::from_secs(120));
 
         std::fs::write(&file, "idle-timeout = \"soon\"\nmax-connections = 0\n").unwrap();
         let e = RelayArgs {
@@ -1001,6 +1181,64 @@ mod tests {
     }
 
     #[test]
+    fn permits_from_flags_and_both_file_forms() {
+        let dir = std::env::temp_dir().join(format!(
+            "pp-permits-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("p.toml");
+        std::fs::write(
+            &file,
+            r#"
+permit = ["api.openai.com POST /v1/chat/completions"]
+[target]
+"api.openai.com" = "OA"
+"api.github.com" = { secret = "GH", permit = ["GET /repos/acme/**"] }
+"#,
+        )
+        .unwrap();
+        let args = RelayArgs {
+            config: Some(file.clone()),
+            permits: vec!["API.github.com post /repos/acme/*/issues".into()],
+            ..Default::default()
+        };
+        let s = args
+            .resolve_with(&env_of(&[("GH", "s"), ("OA", "t")]))
+            .unwrap();
+        let permits = |h: &str| -> Vec<String> {
+            let t = s.targets.iter().find(|t| t.host == h).unwrap();
+            t.permits.iter().map(|p| p.to_string()).collect()
+        };
+        assert_eq!(
+            permits("api.github.com"),
+            ["GET /repos/acme/**", "POST /repos/acme/*/issues"]
+        );
+        assert_eq!(permits("api.openai.com"), ["POST /v1/chat/completions"]);
+
+        let err = RelayArgs {
+            config: Some(file),
+            permits: vec![
+                "api.example.com GET /x".into(),
+                "api.github.com GET /a/../b".into(),
+                "api.github.com".into(),
+            ],
+            ..Default::default()
+        }
+        .resolve_with(&env_of(&[("GH", "s"), ("OA", "t")]))
+        .unwrap_err()
+        .to_string();
+        for says in [
+            "api.example.com is not an intercepted host",
+            "resolve differently",
+            "expected HOST METHOD PATH",
+        ] {
+            assert!(err.contains(says), "{says}: {err}");
+        }
+    }
+
+    #[test]
     fn toml_config_and_unknown_key() {
         let dir = std::env::temp_dir().join(format!(
             "pp-settings-{}-{}",
@@ -1018,8 +1256,6 @@ info-port = 15999
 state-dir = "/tmp/x"
 [target]
 "api.github.com" = "GH"
-[kernel]
-allow-cidr = ["198.51.100.0/24"]
 "#,
         )
         .unwrap();
@@ -1032,7 +1268,21 @@ allow-cidr = ["198.51.100.0/24"]
         assert_eq!(s.intercepted_hosts(), vec!["api.github.com"]);
         assert_eq!(s.info_port, 16000, "flag wins over file");
         assert_eq!(s.state_dir, PathBuf::from("/tmp/x"));
-        assert!(s.kernel_config.unwrap().contains_key("allow-cidr"));
+
+        // A [kernel] table used to be accepted and ignored: now it is refused by name.
+        let kernel = dir.join("kernel.toml");
+        std::fs::write(&kernel, "[kernel]\nallow-cidr = [\"198.51.100.0/24\"]\n").unwrap();
+        let err = RelayArgs {
+            config: Some(kernel),
+            ..Default::default()
+        }
+        .resolve_with(&env_of(&[]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("[kernel] table is not read") && err.contains("--allow-cidr"),
+            "{err}"
+        );
 
         let bad = dir.join("bad.toml");
         std::fs::write(&bad, "allow = []\nintercept-hosts = [\"x\"]\n").unwrap();

@@ -39,7 +39,7 @@ use proxypilot::tls::{
 use proxypilot_tests::{
     loadgen::{self, Latencies, Mode, Report, Spec, Target},
     shapes::{FlyShape, Tokenizer},
-    upstream::{FakeInternet, ANTHROPIC},
+    upstream::{FakeInternet, ANTHROPIC, OPENAI},
     *,
 };
 use serde_json::{json, Value};
@@ -50,6 +50,7 @@ struct Plan {
     duration: Duration,
     newconn: Duration,
     sse_iterations: usize,
+    ws_iterations: usize,
     download_bytes: u64,
     idle_conns: usize,
     mints: usize,
@@ -63,6 +64,7 @@ impl Plan {
                 duration: Duration::from_millis(1000),
                 newconn: Duration::from_millis(1000),
                 sse_iterations: 20,
+                ws_iterations: 200,
                 download_bytes: 100_000_000,
                 // mitmproxy opens ~50 TLS connections/s here: 1,000 would
                 // take 20 s alone.
@@ -75,6 +77,7 @@ impl Plan {
                 duration: Duration::from_secs(5),
                 newconn: Duration::from_secs(4),
                 sse_iterations: 100,
+                ws_iterations: 2000,
                 download_bytes: 100_000_000,
                 idle_conns: 1000,
                 mints: 200,
@@ -332,6 +335,33 @@ fn main() {
         }
     }
 
+    // A small WebSocket frame's round trip on one open stream (issue 17),
+    // against the fake Realtime endpoint; mitmproxy's reverse mode here
+    // only fronts the Anthropic host.
+    for c in cols.iter().filter(|c| c.name != "mitmproxy") {
+        let ws = c.for_openai_websocket(&net);
+        if let Some(r) = ws.run(
+            &net,
+            Mode::WsRoundTrip {
+                iterations: plan.ws_iterations,
+                path: "/v1/realtime?model=gpt-realtime".into(),
+            },
+        ) {
+            eprintln!(
+                "bench: WebSocket frame round trip {:<9} p50 {:>7.0} µs  p99 {:>7.0} µs",
+                c.name, r.p50_us, r.p99_us
+            );
+            table.set(
+                "WebSocket frame round trip (p50)",
+                "µs",
+                Better::Lower,
+                c.name,
+                r.p50_us,
+            );
+        }
+        net.apis.clear_requests();
+    }
+
     if full {
         for c in &cols {
             if let Some(r) = c.run(
@@ -447,7 +477,8 @@ fn main() {
         "seconds": elapsed,
         "plan": {"warmup_ms": plan.warmup.as_millis() as u64, "duration_ms": plan.duration.as_millis() as u64,
                  "newconn_ms": plan.newconn.as_millis() as u64, "newconn_workers": NEWCONN_WORKERS,
-                 "sse_iterations": plan.sse_iterations, "download_bytes": plan.download_bytes,
+                 "sse_iterations": plan.sse_iterations, "ws_iterations": plan.ws_iterations,
+                 "download_bytes": plan.download_bytes,
                  "idle_conns": plan.idle_conns},
     });
     let stem = if full { "summary" } else { "relay" };
@@ -501,6 +532,26 @@ impl<'a> Column<'a> {
             },
             fly: Some(fly),
             pids,
+        }
+    }
+
+    /// The same column aimed at api.openai.com's Realtime WebSocket, with
+    /// the real key direct and the dummy through proxypilot.
+    fn for_openai_websocket(&self, net: &FakeInternet) -> Column<'a> {
+        let key = match self.fly {
+            None => net.apis.keys().openai.clone(),
+            Some(_) => "dummy".into(),
+        };
+        Column {
+            name: self.name,
+            target: Target {
+                connect: format!("{OPENAI}:443"),
+                server_name: OPENAI.into(),
+                headers: vec![("authorization".into(), format!("Bearer {key}"))],
+                ..self.target.clone()
+            },
+            fly: self.fly,
+            pids: self.pids.clone(),
         }
     }
 
@@ -937,6 +988,13 @@ fn verdicts(t: &Table, full: bool) -> Vec<Value> {
             push(
                 format!("{col} keep-alive at 16 conns ≥ 0.5× direct: {:.2}×", p / d),
                 (col == "embedded").then_some(p / d >= 0.5),
+            );
+        }
+        let ws = "WebSocket frame round trip (p50)";
+        if let (Some(p), Some(d)) = (t.get(ws, col), t.get(ws, "direct")) {
+            push(
+                format!("{col} WebSocket frame round trip: {:.2}× direct", p / d),
+                None,
             );
         }
         if let (Some(p), Some(d)) = (t.get(SLOW_ROW, col), t.get(SLOW_ROW, "direct")) {

@@ -270,9 +270,9 @@ fn dockerfiles_install_what_the_config_runs() {
     for needle in [
         "COPY shell-entrypoint.sh /usr/local/bin/proxypilot-shell-init",
         "ENTRYPOINT [\"/usr/local/bin/proxypilot-shell-init\"]",
-        "anthropic openai",
-        "@anthropic-ai/sdk openai",
-        " gh ",
+        "RUN install-packages /usr/local/share/proxypilot/packages/shell.txt",
+        "-r /opt/shell-sdk/requirements.txt",
+        "npm ci",
         "PROXYPILOT_SANDBOX=shell",
     ] {
         assert!(
@@ -280,6 +280,36 @@ fn dockerfiles_install_what_the_config_runs() {
             "deploy/Dockerfile.shell lacks {needle:?}"
         );
     }
+    assert!(side.contains("RUN install-packages /usr/local/share/proxypilot/packages/sidecar.txt"));
+    // BuildKit would fetch a `# syntax=` frontend from Docker Hub, which an
+    // offline build cannot reach.
+    for (name, text) in [("Dockerfile", &side), ("Dockerfile.shell", &shell)] {
+        assert!(
+            !text.lines().any(|l| l.starts_with("# syntax=")),
+            "deploy/{name} names a frontend image"
+        );
+    }
+    let packages = |list: &str| -> Vec<String> {
+        read(&format!("packages/{list}"))
+            .lines()
+            .map(|l| l.split('#').next().unwrap().trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    };
+    for p in [
+        "curl",
+        "python3",
+        "python3-venv",
+        "nodejs",
+        "gh",
+        "ca-certificates",
+    ] {
+        assert!(
+            packages("shell.txt").contains(&p.to_string()),
+            "packages/shell.txt lacks {p}"
+        );
+    }
+    assert!(packages("sidecar.txt").contains(&"ca-certificates".to_string()));
     for ex in [
         "anthropic.sh",
         "openai.sh",
@@ -303,6 +333,46 @@ fn dockerfiles_install_what_the_config_runs() {
     assert!(!code.contains("/etc/hosts"));
     assert!(!code.to_ascii_lowercase().contains("https_proxy"));
     assert!(code.contains("update-ca-certificates"));
+}
+
+/// The shell image's SDKs are the versions the client tests pin.
+#[test]
+fn shell_sdks_are_pinned_like_the_tests() {
+    let tests_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let pins = fs::read_to_string(tests_dir.join("requirements.txt")).unwrap();
+    let deploy_pins = read("shell-sdk/requirements.txt");
+    let deploy_pins: Vec<&str> = deploy_pins
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .collect();
+    assert!(!deploy_pins.is_empty());
+    for pin in &deploy_pins {
+        assert!(
+            pin.contains("=="),
+            "shell-sdk/requirements.txt: {pin} is not pinned"
+        );
+        assert!(
+            pins.lines().any(|l| l.trim() == *pin),
+            "shell-sdk/requirements.txt pins {pin}; tests/requirements.txt does not"
+        );
+    }
+    let json =
+        |p: &Path| -> Value { serde_json::from_str(&fs::read_to_string(p).unwrap()).unwrap() };
+    let clients = tests_dir.join("support/clients");
+    assert_eq!(
+        json(&deploy_dir().join("shell-sdk/package.json"))["dependencies"],
+        json(&clients.join("package.json"))["dependencies"]
+    );
+    let packages = |v: Value| {
+        let mut p = v["packages"].as_object().unwrap().clone();
+        p.remove("");
+        p
+    };
+    assert_eq!(
+        packages(json(&deploy_dir().join("shell-sdk/package-lock.json"))),
+        packages(json(&clients.join("package-lock.json"))),
+        "deploy/shell-sdk/package-lock.json must lock what tests/support/clients locks"
+    );
 }
 
 /// The sidecar command line in machine-config.json, with `auto:shell`

@@ -7,7 +7,7 @@ use std::{fs, process::Stdio};
 
 use proxypilot_tests::{
     shapes::{FlyShape, Tokenizer, TOKENIZER_PORT},
-    upstream::{FakeInternet, RealKeys, ANTHROPIC},
+    upstream::{FakeInternet, RealKeys, ANTHROPIC, DNS_IP},
     *,
 };
 use serde_json::Value;
@@ -327,9 +327,12 @@ fn the_sidecar_signals_ready_only_after_the_programs_are_attached() {
     let net = world();
     let fly = FlyShape::start(&net, "escape-ready", Tokenizer::Embedded, &[]);
     // FlyShape::start returned when the ready file appeared: by then all
-    // seven programs must be attached.
+    // eleven programs must be attached.
     assert!(fly.dir.join("ready").exists());
-    assert_eq!(attached_programs(fly.cgroup.path()).len(), 7);
+    assert_eq!(
+        attached_programs(fly.cgroup.path()).len(),
+        ATTACHED_PROGRAMS
+    );
     // And the order in the sidecar's log: attached, then ready.
     let log = fly.sidecar_log();
     let attached = log.find("kernel programs attached").expect("attach logged");
@@ -360,4 +363,362 @@ fn a_secret_echoed_by_the_upstream_is_masked_and_counted() {
         "header and body echo counted: {log}"
     );
     assert!(log.contains("echoed the secret back"), "{log}");
+}
+
+// ---- Below the connect and sendmsg hooks: other protocols, raw and ping
+// sockets, routing options, inbound peers. Each attack aims at 203.0.113.40
+// or 2001:db8::40, which the sandbox is never given; an AF_PACKET tap on the
+// namespace's `lo`, opened by this test outside the sandbox, shows whether
+// any packet went there.
+
+/// The unallowed target of the backstop attacks.
+const TARGET4: &str = "203.0.113.40";
+const TARGET6: &str = "2001:db8::40";
+/// An IPv6 DNS server the sandbox may reach (`--dns`), so UDP to it passes
+/// the socket hooks. Nothing needs to listen there.
+const DNS6: &str = "2001:db8::53";
+
+fn backstop_world() -> FakeInternet {
+    FakeInternet::start_with(
+        RealKeys::default(),
+        proxypilot_tests::upstream::standard_hosts(),
+        &["203.0.113.40/32", "2001:db8::40/128", "2001:db8::53/128"],
+    )
+}
+
+fn backstop_fly(net: &FakeInternet, name: &str) -> FlyShape {
+    // Ping sockets open to every group, as systemd and Docker set it.
+    run_ok(std::process::Command::new("sysctl").args([
+        "-q",
+        "-w",
+        "net.ipv4.ping_group_range=0 2147483647",
+    ]));
+    FlyShape::start(net, name, Tokenizer::Embedded, &["--dns", DNS6])
+}
+
+/// An AF_PACKET tap on the namespace's `lo` (netprobe.py tap), run by the
+/// test outside the sandbox. Killed on drop if never read.
+struct Tap(Option<std::process::Child>);
+
+impl Tap {
+    fn start(addrs: &[&str]) -> Tap {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(PY)
+            .arg(support_dir().join("netprobe.py"))
+            .arg("tap")
+            .args(addrs)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("tapping"), "tap: {line}");
+        Tap(Some(child))
+    }
+
+    /// The packets seen from or to the tapped addresses.
+    fn packets(mut self) -> Vec<Value> {
+        // Let the last packets of an attack arrive.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut child = self.0.take().expect("read once");
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"));
+        v["packets"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Packets on the tap addressed to `addr`.
+fn packets_to<'a>(packets: &'a [Value], addr: &str) -> Vec<&'a Value> {
+    packets.iter().filter(|p| p["dst"] == addr).collect()
+}
+
+/// What the kernel says when the backstop drops a datagram the socket
+/// hooks let through: the send itself fails with EPERM. (ICMPv6 ping sends
+/// are the exception: they report success and the echo never leaves.)
+fn dropped_at_send(v: &Value) {
+    eperm(v);
+}
+
+/// Packets the backstop dropped so far in `fly`'s sandbox.
+fn drops(fly: &FlyShape) -> proxypilot::kernel::PacketDrops {
+    proxypilot::kernel::attach::pinned_packet_drops(fly.cgroup.id()).unwrap()
+}
+
+#[test]
+fn sockets_other_than_tcp_and_udp_are_refused_with_eperm() {
+    require_root!();
+    let net = backstop_world();
+    let fly = backstop_fly(&net, "escape-sock");
+    let tap = Tap::start(&[TARGET4, TARGET6]);
+    // The sandbox user: UDP-Lite, ping sockets (allowed by
+    // ping_group_range), MPTCP.
+    for kind in ["udplite4", "udplite6", "ping4", "ping6", "mptcp"] {
+        eperm(&probe(&net, &fly, true, &["socket", kind]));
+    }
+    eperm(&probe(
+        &net,
+        &fly,
+        true,
+        &["send", "udplite", TARGET4, "9999"],
+    ));
+    eperm(&probe(&net, &fly, true, &["send", "ping", TARGET4, "0"]));
+    eperm(&probe(&net, &fly, true, &["send", "ping", TARGET6, "0"]));
+    // Root in the sandbox (CAP_NET_RAW, as in a Docker container).
+    for kind in ["raw4", "raw6"] {
+        eperm(&probe(&net, &fly, false, &["socket", kind]));
+    }
+    eperm(&probe(&net, &fly, false, &["send", "raw", TARGET4, "9999"]));
+    // SCTP is not in this kernel: refused before any hook runs.
+    assert_eq!(probe(&net, &fly, true, &["socket", "sctp"])["ok"], false);
+    // TCP and UDP sockets still work (the other tests use them throughout).
+    let packets = tap.packets();
+    assert!(packets_to(&packets, TARGET4).is_empty(), "{packets:?}");
+    assert!(packets_to(&packets, TARGET6).is_empty(), "{packets:?}");
+    let log = fly.log_with(&["udplite socket from pid", "raw sockets are refused"]);
+    assert!(
+        log.contains("udplite socket from pid") && log.contains("raw sockets are refused"),
+        "{log}"
+    );
+}
+
+#[test]
+fn socket_options_that_change_routing_are_refused_with_eperm() {
+    require_root!();
+    let net = backstop_world();
+    let fly = backstop_fly(&net, "escape-opts");
+    let tap = Tap::start(&[TARGET4, TARGET6]);
+    // This kernel already refuses IP_OPTIONS source routes without
+    // CAP_NET_RAW; root in the sandbox has it, as in a Docker container.
+    for opt in ["ipv6_rthdr", "so_bindtodevice", "ip_unicast_if"] {
+        eperm(&probe(&net, &fly, true, &["sockopt", opt]));
+    }
+    for opt in ["ip_options", "ip_transparent", "so_mark"] {
+        eperm(&probe(&net, &fly, false, &["sockopt", opt]));
+    }
+    // Other options still reach the kernel with the caller's value (it
+    // doubles SO_RCVBUF for bookkeeping).
+    let freebind = probe(&net, &fly, true, &["sockopt", "ip_freebind"]);
+    assert_eq!(
+        (&freebind["ok"], &freebind["value"]),
+        (&Value::Bool(true), &Value::from(1)),
+        "{freebind}"
+    );
+    let rcvbuf = probe(&net, &fly, true, &["sockopt", "so_rcvbuf"]);
+    assert_eq!(rcvbuf["value"], 2 * 65536, "{rcvbuf}");
+    // The attacks themselves: UDP to an allowed DNS server, routed first
+    // through the target.
+    eperm(&probe(
+        &net,
+        &fly,
+        false,
+        &["lsrr", "sockopt", TARGET4, DNS_IP, "53"],
+    ));
+    eperm(&probe(&net, &fly, true, &["rthdr", TARGET6, DNS6, "53"]));
+    let packets = tap.packets();
+    assert!(packets_to(&packets, TARGET4).is_empty(), "{packets:?}");
+    assert!(packets_to(&packets, TARGET6).is_empty(), "{packets:?}");
+    let log = fly.log_with(&["IP_OPTIONS (source routes) is refused"]);
+    assert!(
+        log.contains("IP_OPTIONS (source routes) is refused"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_per_message_source_route_is_dropped_by_the_packet_backstop() {
+    require_root!();
+    let net = backstop_world();
+    let fly = backstop_fly(&net, "escape-retopts");
+    let tap = Tap::start(&[TARGET4]);
+    // IP_RETOPTS in sendmsg's control data, as root (CAP_NET_RAW): no
+    // setsockopt, and sendmsg4 sees only the allowed DNS server.
+    dropped_at_send(&probe(
+        &net,
+        &fly,
+        false,
+        &["lsrr", "cmsg", TARGET4, DNS_IP, "53"],
+    ));
+    let packets = tap.packets();
+    assert!(packets_to(&packets, TARGET4).is_empty(), "{packets:?}");
+    assert_eq!(drops(&fly).egress, 1);
+    let log = fly.log_with(&["udp packet to 203.0.113.40:53"]);
+    assert!(
+        log.contains("udp packet to 203.0.113.40:53") && log.contains("dropped: IP options"),
+        "{log}"
+    );
+}
+
+#[test]
+fn an_inbound_connection_or_datagram_to_a_sandbox_listener_is_dropped() {
+    require_root!();
+    use std::io::{BufRead, Read};
+    let net = backstop_world();
+    let fly = backstop_fly(&net, "escape-inbound");
+    let tap = Tap::start(&["127.0.0.1", "::1", TARGET4]);
+    let mut server = fly
+        .sandbox(&net, PY)
+        .arg(support_dir().join("netprobe.py"))
+        .args(["listen", "7777", "5"])
+        .user(65534, 65534)
+        .command()
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("listening"), "{line}");
+    // From outside the sandbox, as any host that reaches it would.
+    for peer in ["127.0.0.1:7777", "[::1]:7777", "203.0.113.40:7777"] {
+        let r = std::net::TcpStream::connect_timeout(
+            &peer.parse().unwrap(),
+            std::time::Duration::from_millis(700),
+        );
+        assert!(r.is_err(), "{peer} accepted a connection from outside");
+    }
+    // A datagram in is dropped the same way.
+    let udp = std::net::UdpSocket::bind("203.0.113.40:0").unwrap();
+    udp.send_to(b"in", "203.0.113.40:7777").unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    server.wait().unwrap();
+    let v: Value = serde_json::from_str(rest.trim()).unwrap_or_else(|e| panic!("{e}: {rest}"));
+    assert_eq!(v["accepted"], serde_json::json!([]), "{v}");
+    assert_eq!(v["received"], serde_json::json!([]), "{v}");
+    // Nothing left the sandbox's port: no SYN-ACK, no data.
+    let packets = tap.packets();
+    let from_sandbox: Vec<_> = packets.iter().filter(|p| p["sport"] == 7777).collect();
+    assert!(from_sandbox.is_empty(), "{from_sandbox:?}");
+    let log = fly.log_with(&["tcp packet from"]);
+    assert!(log.contains("tcp packet from"), "{log}");
+    // Three SYNs (at least: they are retried) and the datagram.
+    assert!(drops(&fly).ingress >= 4, "{:?}", drops(&fly));
+}
+
+#[test]
+fn the_packet_backstop_holds_without_the_socket_level_refusals() {
+    require_root!();
+    let net = backstop_world();
+    let fly = backstop_fly(&net, "escape-backstop");
+    let sink = udp_sink("203.0.113.40:9999");
+    // Take the socket-level refusals away, as a kernel path they do not
+    // see would: only the cgroup_skb programs are left to stop these.
+    let pins = proxypilot::kernel::bpffs::pin_dir(fly.cgroup.id());
+    for name in ["sock_create", "setsockopt"] {
+        fs::remove_file(proxypilot::kernel::bpffs::link_pin(&pins, name)).unwrap();
+    }
+    let tap = Tap::start(&[TARGET4, TARGET6]);
+    // A raw socket as root; ping sockets as the sandbox user.
+    dropped_at_send(&probe(&net, &fly, false, &["send", "raw", TARGET4, "9999"]));
+    dropped_at_send(&probe(&net, &fly, true, &["send", "ping", TARGET4, "0"]));
+    let ping6 = probe(&net, &fly, true, &["send", "ping", TARGET6, "0"]);
+    assert_eq!(
+        (&ping6["ok"], &ping6["reply_errno"]),
+        (&Value::Bool(true), &Value::from("timeout")),
+        "{ping6}"
+    );
+    // Sticky routing options, which setsockopt allows without its hook.
+    dropped_at_send(&probe(
+        &net,
+        &fly,
+        false,
+        &["lsrr", "sockopt", TARGET4, DNS_IP, "53"],
+    ));
+    dropped_at_send(&probe(&net, &fly, true, &["rthdr", TARGET6, DNS6, "53"]));
+    // UDP-Lite: sendmsg4 already refuses it by protocol.
+    eperm(&probe(
+        &net,
+        &fly,
+        true,
+        &["send", "udplite", TARGET4, "9999"],
+    ));
+    let packets = tap.packets();
+    assert!(packets_to(&packets, TARGET4).is_empty(), "{packets:?}");
+    assert!(packets_to(&packets, TARGET6).is_empty(), "{packets:?}");
+    assert!(sink.lock().unwrap().is_empty());
+    // One packet each: raw, ping, ping6, source route, routing header.
+    assert_eq!(drops(&fly).egress, 5);
+}
+
+#[test]
+fn a_flood_of_dropped_packets_is_counted_in_full_but_logged_sparingly() {
+    require_root!();
+    let net = backstop_world();
+    let fly = backstop_fly(&net, "escape-flood");
+    let started = std::time::Instant::now();
+    let v = probe(
+        &net,
+        &fly,
+        false,
+        &["lsrr", "cmsg", TARGET4, DNS_IP, "53", "2000"],
+    );
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(v["errors"], serde_json::json!({"EPERM": 2000}), "{v}");
+    assert_eq!(drops(&fly).egress, 2000);
+    // Operators see the same count on the info port.
+    assert_eq!(
+        fly.stats(&net)["packets_dropped_egress"],
+        2000,
+        "{}",
+        fly.stats(&net)
+    );
+    let log = fly.log_with(&["udp packet to 203.0.113.40:53"]);
+    let lines = log.matches("udp packet to 203.0.113.40:53").count();
+    // At most one report per 100 ms per CPU, plus one for a window that
+    // had just begun.
+    let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+    let bound = ((seconds * 10.0 + 1.0) * cpus).ceil() as usize;
+    assert!(
+        (1..=bound).contains(&lines),
+        "{lines} lines in {seconds:.2}s (bound {bound})"
+    );
+}
+
+#[test]
+fn a_packet_socket_frame_from_sandbox_root_is_dropped_at_the_interface() {
+    require_root!();
+    let net = backstop_world();
+    let fly = backstop_fly(&net, "escape-frames");
+    let sink = udp_sink("203.0.113.40:9999");
+    let tap = Tap::start(&[TARGET4]);
+    // Root in the sandbox holds CAP_NET_RAW, as in a Docker container: a
+    // hand-made IPv4/UDP frame on `lo`, below every IP-level hook.
+    // The guard's tc drop reaches the sender as ENOBUFS.
+    let v = probe(&net, &fly, false, &["packet", DNS_IP, TARGET4, "9999"]);
+    assert_eq!(
+        (v["ok"].as_bool(), v["errno"].as_str()),
+        (Some(false), Some("ENOBUFS")),
+        "{v}"
+    );
+    // PACKET_QDISC_BYPASS would skip tc, and the guard with it (measured):
+    // refused, so the frame is never sent.
+    eperm(&probe(
+        &net,
+        &fly,
+        false,
+        &["packet", DNS_IP, TARGET4, "9999", "bypass"],
+    ));
+    let packets = tap.packets();
+    assert!(packets_to(&packets, TARGET4).is_empty(), "{packets:?}");
+    assert!(sink.lock().unwrap().is_empty());
+    assert_eq!(drops(&fly).frames, 1);
+    let log = fly.log_with(&["frame from a socket of uid 0 dropped"]);
+    assert!(
+        log.contains("frame from a socket of uid 0 dropped"),
+        "{log}"
+    );
 }

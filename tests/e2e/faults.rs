@@ -43,6 +43,21 @@ const DUMMY: &str = "x-api-key: dummy";
 const CLOSED: [i32; 8] = [7, 16, 18, 35, 52, 55, 56, 92];
 
 /// One curl in the sandbox: (exit code, HTTP status, body).
+/// Runs `program args` in the sandbox to the end, with no input.
+fn in_sandbox(
+    net: &FakeInternet,
+    fly: &FlyShape,
+    program: &str,
+    args: &[&str],
+) -> std::process::Output {
+    fly.sandbox(net, program)
+        .args(args)
+        .command()
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 fn curl(net: &FakeInternet, fly: &FlyShape, args: &[&str]) -> (i32, u16, String) {
     let out = fly
         .sandbox(net, "curl")
@@ -238,7 +253,7 @@ fn sigkill_under_load_fails_closed_then_a_new_sidecar_takes_over_the_pinned_prog
     let cg = fly.cgroup.path().to_path_buf();
     assert_eq!(
         attached_programs(&cg).len(),
-        7,
+        ATTACHED_PROGRAMS,
         "{:?}",
         attached_programs(&cg)
     );
@@ -254,8 +269,8 @@ fn sigkill_under_load_fails_closed_then_a_new_sidecar_takes_over_the_pinned_prog
                     break;
                 }
                 // Distinct programs: during a takeover the new copy is
-                // attached before the old one goes, so 8..14 links is
-                // fine; fewer than 7 distinct programs is a gap.
+                // attached before the old one goes, so more links than
+                // programs is fine; fewer distinct programs is a gap.
                 let names: std::collections::BTreeSet<String> = attached_programs(&cg)
                     .iter()
                     .filter_map(|l| l.split_whitespace().last().map(str::to_string))
@@ -290,7 +305,7 @@ fn sigkill_under_load_fails_closed_then_a_new_sidecar_takes_over_the_pinned_prog
         "curls during the gap were not refused: {:?}",
         load.results()
     );
-    assert_eq!(attached_programs(&cg).len(), 7);
+    assert_eq!(attached_programs(&cg).len(), ATTACHED_PROGRAMS);
 
     // Same command line, same cgroup: takes the pinned programs over.
     fly.sidecar = spec.start(&net, fly.dir.join("sidecar-2.log"));
@@ -310,10 +325,10 @@ fn sigkill_under_load_fails_closed_then_a_new_sidecar_takes_over_the_pinned_prog
     let counts = counts.lock().unwrap().clone();
     assert!(counts.len() >= 3, "{counts:?}");
     assert!(
-        counts.iter().all(|n| *n == 7),
-        "some of the 7 programs were missing at times (distinct programs per sample): {counts:?}"
+        counts.iter().all(|n| *n == ATTACHED_PROGRAMS),
+        "some of the programs were missing at times (distinct programs per sample): {counts:?}"
     );
-    assert_eq!(attached_programs(&cg).len(), 7);
+    assert_eq!(attached_programs(&cg).len(), ATTACHED_PROGRAMS);
     assert_no_dummy_reached_upstream(&net);
     get_ok(&net, &fly);
     assert_running(&mut fly);
@@ -514,7 +529,7 @@ fn disk_full_when_the_ca_is_written_exits_non_zero_before_attaching_and_leaves_n
             .arg(&state),
     );
     let sidecar = spec.start(&net, net.dir.0.join("diskfull-2.log"));
-    assert_eq!(attached_programs(cg.path()).len(), 7);
+    assert_eq!(attached_programs(cg.path()).len(), ATTACHED_PROGRAMS);
     for f in ["ca-key.pem", "ca-cert.pem", "ca-meta.json"] {
         assert!(has_file(&state, f), "{f}: {}", sidecar.stderr());
     }
@@ -657,4 +672,366 @@ fn out_of_file_descriptors_sheds_excess_connections_and_recovers() {
     );
     assert_maps_empty(fly.cgroup.id(), || fly.sidecar_log());
     let _ = std::io::stderr().flush();
+}
+
+/// A sandbox process looping on refused connects cannot flood the log
+/// (issue 21: about 3,000 WARN lines a second): each reason and process
+/// logs its first lines, the rest are counted in one summary line, and a
+/// UDP connect (glibc's address probe, which sends nothing) is not a
+/// warning at all.
+#[test]
+fn a_refused_connect_flood_leaves_a_bounded_log_with_the_count() {
+    require_root!();
+    const FLOOD: usize = 3000;
+    let net = FakeInternet::start();
+    let fly = FlyShape::start(&net, "logflood", Tokenizer::Embedded, &[]);
+    // The stub DNS server's address is in the netns, allowed on port 53 only.
+    let dest = proxypilot_tests::upstream::DNS_IP;
+    let flood = format!(
+        "import socket\n\
+         refused = 0\n\
+         for i in range({FLOOD}):\n\
+         \x20   s = socket.socket()\n\
+         \x20   try:\n\
+         \x20       s.connect(('{dest}', 9))\n\
+         \x20   except PermissionError:\n\
+         \x20       refused += 1\n\
+         \x20   s.close()\n\
+         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         try:\n\
+         \x20   u.connect(('{dest}', 443))\n\
+         except PermissionError:\n\
+         \x20   refused += 1\n\
+         print(refused)\n"
+    );
+    let out = in_sandbox(&net, &fly, "python3", &["-c", &flood]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (FLOOD + 1).to_string(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The summary comes when the window ends (5 s), flood or not.
+    let needle = format!("tcp {dest}:9 from pid");
+    let log = fly.log_with(&["counted, not logged one by one"]);
+    let one_by_one = log.lines().filter(|l| l.contains(&needle)).count();
+    let counted: usize = log
+        .lines()
+        .filter(|l| l.contains("counted, not logged one by one"))
+        .filter_map(|l| {
+            let n = l.split("not_logged=").nth(1)?;
+            n.split_whitespace().next()?.parse::<usize>().ok()
+        })
+        .sum();
+    assert!(
+        (1..=20).contains(&one_by_one),
+        "{one_by_one} refusals logged one by one"
+    );
+    assert_eq!(one_by_one + counted, FLOOD, "{log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains(&format!("udp {dest}:443")) && l.contains("WARN")),
+        "a UDP connect (address probe) was logged as a warning"
+    );
+}
+
+/// One sandbox process holding bare connections cannot take every
+/// connection slot (issue 21: 4,200 connects left a victim 15%): past
+/// `--max-connections-per-process` its own connections are closed, and
+/// another process is still served.
+#[test]
+fn one_process_cannot_take_every_connection_slot() {
+    require_root!();
+    const HELD: usize = 30;
+    let net = FakeInternet::start();
+    let fly = FlyShape::start(
+        &net,
+        "slots",
+        Tokenizer::Embedded,
+        &[
+            "--max-connections",
+            "20",
+            "--max-connections-per-process",
+            "5",
+        ],
+    );
+    let ready = net.dir.0.join("flood-ready");
+    let flood = format!(
+        "import socket, time\n\
+         held = [socket.create_connection(('{ANTHROPIC}', 443)) for _ in range({HELD})]\n\
+         time.sleep(0.5)\n\
+         open('{r}.tmp', 'w').write('x'); import os; os.rename('{r}.tmp', '{r}')\n\
+         time.sleep(8)\n",
+        r = ready.display()
+    );
+    fs::set_permissions(
+        &net.dir.0,
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
+    let mut flooder = fly
+        .sandbox(&net, "python3")
+        .args(["-c", &flood])
+        .command()
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || ready.exists()),
+        "the flooder did not connect"
+    );
+    // While the flooder holds its connections, another process is served.
+    let (rc, code, body) = curl(&net, &fly, &[URL, "-H", DUMMY]);
+    let _ = flooder.kill();
+    let _ = flooder.wait();
+    assert_eq!((rc, code), (0, 200), "{body}\n{}", fly.sidecar_log());
+    let log = fly.log_with(&["--max-connections-per-process"]);
+    assert!(
+        log.contains("this process holds its share of connections") && log.contains("comm=python3"),
+        "{log}"
+    );
+}
+
+/// Slow readers cannot stall the shared HTTP/2 connection to an API
+/// (issue 21: three unread downloads filled its window, and every other
+/// request to the host hung). Each stream may hold only a small window of
+/// the connection's, so a well-behaved client beside them is served.
+#[test]
+fn slow_readers_do_not_stall_other_clients_of_the_same_api() {
+    require_root!();
+    let net = FakeInternet::start();
+    let fly = FlyShape::start(&net, "slowread", Tokenizer::Embedded, &[]);
+    let script = format!(
+        "pids=; for i in 1 2 3 4; do \
+           curl -sS -o /dev/null --limit-rate 1k --max-time 40 -H '{DUMMY}' \
+             'https://{ANTHROPIC}/bytes?n=50000000' 2>/dev/null & pids=\"$pids $!\"; \
+         done; \
+         sleep 3; \
+         for i in $(seq 10); do \
+           curl -sS -o /dev/null -w '%{{http_code}} ' --max-time 5 -H '{DUMMY}' '{URL}' \
+             && echo done || echo failed; \
+           sleep 0.2; \
+         done; \
+         kill $pids; wait"
+    );
+    let out = in_sandbox(&net, &fly, "sh", &["-c", &script]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // A 200 whose body never came is a failure too (curl exits 28).
+    let served = stdout.lines().filter(|l| l.trim() == "200 done").count();
+    assert!(
+        served >= 9,
+        "the victim got {served} of 10 while slow readers held downloads:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// HTTP/2 slowloris and PING-only connections are closed (issue 21: the
+/// idle clock reset on any byte, the relay's own keep-alive PINGs
+/// included, and `--header-read-timeout` held only for HTTP/1.1). A
+/// preface trickled one byte every 0.25 s with no request is cut at the
+/// header read timeout; a connection that made one request and then sends
+/// only PINGs is cut at the idle timeout.
+#[test]
+fn http2_slowloris_and_ping_only_connections_are_closed() {
+    require_root!();
+    let net = FakeInternet::start();
+    let fly = FlyShape::start(
+        &net,
+        "h2idle",
+        Tokenizer::Embedded,
+        &["--header-read-timeout", "2s", "--idle-timeout", "3s"],
+    );
+    let probe = |mode: &str| -> Value {
+        let probe = support_dir().join("h2_probe.py");
+        let out = in_sandbox(
+            &net,
+            &fly,
+            "python3",
+            &[probe.to_str().unwrap(), mode, ANTHROPIC],
+        );
+        serde_json::from_slice(out.stdout.trim_ascii())
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let (trickle, pings) = thread::scope(|s| {
+        let t = s.spawn(|| probe("trickle"));
+        let p = s.spawn(|| probe("pings"));
+        (t.join().unwrap(), p.join().unwrap())
+    });
+    // Closed, and long before the probe's own 20 s limit.
+    let cut = |v: &Value| v["closed_after"].as_f64().is_some_and(|t| t < 15.0);
+    assert!(cut(&trickle), "the trickled preface was not cut: {trickle}");
+    assert_eq!(
+        (&pings["status"], &pings["ended"]),
+        (&Value::from(200), &Value::from(true)),
+        "{pings}"
+    );
+    assert!(
+        cut(&pings),
+        "the PING-only connection was not closed: {pings}"
+    );
+}
+
+/// A download the client stops reading is cut after `--stall-timeout`
+/// (issue 21: nothing ended such a stall), which frees its share of the
+/// shared upstream connection and ends the request (its audit line is
+/// written) while the client is still stopped.
+#[test]
+fn a_download_the_client_stopped_reading_is_cut_after_the_stall_timeout() {
+    require_root!();
+    let net = FakeInternet::start();
+    let fly = FlyShape::start(
+        &net,
+        "stall",
+        Tokenizer::Embedded,
+        &["--stall-timeout", "2s"],
+    );
+    // curl reads at 100 KB/s, then is stopped (SIGSTOP) for 10 s.
+    let script = format!(
+        "curl -sS -o /dev/null --limit-rate 100k --max-time 30 -H '{DUMMY}' \
+           'https://{ANTHROPIC}/bytes?n=50000000' & pid=$!; \
+         sleep 1; kill -STOP $pid; sleep 10; kill -9 $pid"
+    );
+    let mut child = fly
+        .sandbox(&net, "sh")
+        .args(["-c", &script])
+        .command()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let cut_while_stopped = wait_for(Duration::from_secs(10), || {
+        let log = fly.sidecar_log();
+        log.contains("cut downloads the client stopped reading") && log.contains("path=/bytes")
+    }) && child.try_wait().unwrap().is_none();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        cut_while_stopped,
+        "the stalled download was not cut while its client was stopped:\n{}",
+        fly.sidecar_log()
+    );
+}
+
+/// A request with one huge header costs only itself (issue 21: a 12 KB
+/// header made an nginx upstream close the shared HTTP/2 connection with
+/// GOAWAY, and other clients' requests failed): it is answered 431 by the
+/// relay and never reaches the API; the next request is served.
+#[test]
+fn a_huge_header_is_refused_at_the_relay_and_costs_only_that_request() {
+    require_root!();
+    let net = FakeInternet::start();
+    let fly = FlyShape::start(&net, "bighdr", Tokenizer::Embedded, &[]);
+    let big = format!("x-big: {}", "a".repeat(12 * 1024));
+    let (rc, code, body) = curl(&net, &fly, &[URL, "-H", DUMMY, "-H", &big]);
+    assert_eq!((rc, code), (0, 431), "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("x-big")
+            && v["hint"]
+                .as_str()
+                .unwrap()
+                .contains("send the data in the body"),
+        "{v}"
+    );
+    assert!(net.apis.requests_to(ANTHROPIC).is_empty());
+    get_ok(&net, &fly);
+}
+
+/// Memory a burst of connections used is given back once they close
+/// (issue 21: 447 MiB of RSS stayed with 5 MiB of heap in use). Prints the
+/// sidecar's RSS at ready, at the burst's peak and after it.
+#[test]
+fn memory_a_burst_used_is_returned_after_it() {
+    require_root!();
+    const CONNS: &str = "400";
+    let net = FakeInternet::start();
+    let fly = FlyShape::start(&net, "burst", Tokenizer::Embedded, &[]);
+    let pid = fly.sidecar.child.id();
+    get_ok(&net, &fly);
+    let ready = rss_kib(pid);
+    let mut burst = fly
+        .sandbox(&net, "python3")
+        .arg(support_dir().join("burst.py"))
+        .args([ANTHROPIC, CONNS, "3"])
+        .command()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(burst.stdout.take().unwrap()).lines();
+    let opened = lines.next().and_then(Result::ok).unwrap_or_default();
+    let peak = rss_kib(pid);
+    let closed = lines.next().and_then(Result::ok).unwrap_or_default();
+    let out = burst.wait_with_output().unwrap();
+    assert!(
+        opened.contains(CONNS) && closed.contains(CONNS),
+        "{opened} {closed} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let grew = peak.saturating_sub(ready);
+    let returned = wait_for(Duration::from_secs(20), || rss_kib(pid) <= ready + grew / 2);
+    let after = rss_kib(pid);
+    println!("sidecar RSS: ready {ready} KiB, peak {peak} KiB with {CONNS} connections, after {after} KiB");
+    assert!(
+        grew > 8 * 1024,
+        "the burst grew RSS by only {grew} KiB; it measures nothing"
+    );
+    assert!(
+        returned,
+        "RSS stayed at {after} KiB after the burst (ready {ready}, peak {peak})"
+    );
+}
+
+/// One level below the per-process budget: a sandbox process that forks
+/// 60 children, each refused 20 times (more keys than one process gets),
+/// still gets no more than the window's lines one by one; the rest are
+/// counted in summaries that add up.
+#[test]
+fn forked_children_cannot_multiply_the_refusal_log() {
+    require_root!();
+    let net = FakeInternet::start();
+    let fly = FlyShape::start(&net, "logfork", Tokenizer::Embedded, &[]);
+    let dest = proxypilot_tests::upstream::DNS_IP;
+    let fork = format!(
+        "import os, socket\n\
+         kids = []\n\
+         for _ in range(60):\n\
+         \x20   pid = os.fork()\n\
+         \x20   if pid == 0:\n\
+         \x20       for _ in range(20):\n\
+         \x20           s = socket.socket()\n\
+         \x20           try:\n\
+         \x20               s.connect(('{dest}', 9))\n\
+         \x20           except PermissionError:\n\
+         \x20               pass\n\
+         \x20           s.close()\n\
+         \x20       os._exit(0)\n\
+         \x20   kids.append(pid)\n\
+         for k in kids:\n\
+         \x20   os.waitpid(k, 0)\n\
+         print('done')\n"
+    );
+    let out = in_sandbox(&net, &fly, "python3", &["-c", &fork]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "done");
+    let needle = format!("tcp {dest}:9 from pid");
+    let log = fly.log_with(&["counted, not logged one by one"]);
+    let one_by_one = log.lines().filter(|l| l.contains(&needle)).count();
+    let counted: usize = log
+        .lines()
+        .filter(|l| l.contains("counted, not logged one by one"))
+        .filter_map(|l| {
+            l.split("not_logged=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
+    // The flood may straddle two 5 s windows.
+    assert!(one_by_one <= 200, "{one_by_one} refusals logged one by one");
+    assert_eq!(one_by_one + counted, 60 * 20, "{one_by_one} + {counted}");
 }

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 const DEST4: &str = "203.0.113.10";
 const DEST6: &str = "2001:db8::10";
+const PROGRAMS: usize = ATTACHED_PROGRAMS;
 
 /// Attaches with the test process (not in the sandbox cgroup) exempt, and
 /// serves an [`OriginEcho`] as the proxy.
@@ -302,7 +303,7 @@ fn fails_closed_after_sigkill_then_takeover_and_detach() {
     let mut first = sidecar("first");
     assert_eq!(
         attached_programs(cg.path()).len(),
-        7,
+        PROGRAMS,
         "{:?}",
         attached_programs(cg.path())
     );
@@ -315,12 +316,12 @@ fn fails_closed_after_sigkill_then_takeover_and_detach() {
         &probe_one(cg.path(), &["tcp", "203.0.113.30", "80"]),
         "EPERM",
     );
-    assert_eq!(attached_programs(cg.path()).len(), 7);
+    assert_eq!(attached_programs(cg.path()).len(), PROGRAMS);
 
-    // A new sidecar takes the pinned programs over: still 7, not 14.
+    // A new sidecar takes the pinned programs over: as many, not twice.
     let second = sidecar("second");
     let progs = attached_programs(cg.path());
-    assert_eq!(progs.len(), 7, "{progs:?}");
+    assert_eq!(progs.len(), PROGRAMS, "{progs:?}");
     let r = probe_one(cg.path(), &["tcp", DEST4, "443"]);
     assert_eq!(r["ok"], true, "connect reaches the new sidecar: {r}");
     assert!(r["reply"].get("real").is_none(), "{r}");
@@ -422,4 +423,39 @@ fn dialling_the_proxys_listener_directly_is_refused() {
         &probe_one(cg.path(), &["tcp", DEST4, "443"]),
         "203.0.113.10:443",
     );
+}
+
+/// Another local user who controls a pin directory could unpin the links
+/// and so detach the sandbox's programs. A takeover that finds the
+/// sandbox's pin directory owned by someone else refuses, naming it, and
+/// the programs already attached keep enforcing.
+#[test]
+fn a_pin_directory_another_user_controls_is_refused_and_the_programs_stay() {
+    require_root!();
+    let _ns = NetNs::enter_new(&[&format!("{DEST4}/32")]);
+    let cg = TestCgroup::new("foreign-pins");
+    let (attachment, _echo) = attach_with_echo(&cg, vec![]);
+    let before = attached_programs(cg.path());
+    assert!(!before.is_empty());
+    let pins = proxypilot::kernel::bpffs::pin_dir(cg.id());
+
+    // As if uid 65534 had created it before proxypilot did.
+    std::os::unix::fs::chown(&pins, Some(65534), Some(65534)).unwrap();
+    let policy = test_policy(&[], vec![]);
+    let err = match Attachment::attach(cg.path(), &policy) {
+        Ok(_) => panic!("attached into a pin directory owned by uid 65534"),
+        Err(e) => format!("{e:#}"),
+    };
+    std::os::unix::fs::chown(&pins, Some(0), Some(0)).unwrap();
+    assert!(
+        err.contains(&pins.display().to_string()) && err.contains("owned by uid 65534"),
+        "{err}"
+    );
+    assert_eq!(attached_programs(cg.path()), before);
+    assert_errno(&probe_one(cg.path(), &["tcp", DEST4, "80"]), "EPERM");
+    assert_redirected(
+        &probe_one(cg.path(), &["tcp", DEST4, "443"]),
+        "203.0.113.10:443",
+    );
+    attachment.detach().unwrap();
 }

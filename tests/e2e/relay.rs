@@ -365,7 +365,7 @@ fn the_audit_log_has_every_field_and_no_secret() {
         ],
     );
     assert_eq!(code, 200);
-    let log = fly.sidecar_log();
+    let log = fly.log_with(&["audit", "/echo"]);
     let line = log
         .lines()
         .find(|l| l.contains("audit") && l.contains("/echo"))
@@ -398,4 +398,371 @@ fn the_audit_log_has_every_field_and_no_secret() {
         !log.contains("dummy"),
         "credential header values are not logged"
     );
+}
+
+/// curl outside any sandbox (or in `cgroup`), aimed at the sidecar's
+/// listener with an intercepted SNI: `--connect-to` skips DNS and the
+/// kernel, as a local attacker would.
+fn curl_the_listener(
+    net: &FakeInternet,
+    listener: &str,
+    user: Option<u32>,
+    cgroup: Option<&std::path::Path>,
+) -> Output {
+    let mut cmd = net.command("curl").args([
+        "-sS",
+        "-k",
+        "--max-time",
+        "10",
+        "--connect-to",
+        &format!("{ANTHROPIC}:443:{listener}"),
+        "-H",
+        "x-api-key: dummy",
+        &format!("https://{ANTHROPIC}/echo"),
+    ]);
+    if let Some(uid) = user {
+        cmd = cmd.user(uid, uid);
+    }
+    if let Some(cg) = cgroup {
+        cmd = cmd.cgroup(cg);
+    }
+    cmd.command().stdin(Stdio::null()).output().unwrap()
+}
+
+#[test]
+fn local_processes_and_other_cgroups_dialling_the_listener_get_no_credential() {
+    require_root!();
+    let net = world();
+    // Embedded mode: the sidecar holds the plaintext key, the worst case.
+    let fly = shape(&net, "outsider", Tokenizer::Embedded);
+    let other = TestCgroup::new("relay-second-cgroup"); // no programs
+                                                        // A cgroup with its own attachment whose programs redirect port 443 to
+                                                        // this sidecar's listener: its records are in its own maps.
+    let attached = TestCgroup::new("relay-other-attachment");
+    let listeners: Vec<std::net::SocketAddr> = vec![
+        "127.0.0.1:15443".parse().unwrap(),
+        "[::1]:15443".parse().unwrap(),
+    ];
+    let _other_programs =
+        proxypilot::kernel::Attachment::attach(attached.path(), &test_policy(&listeners, vec![]))
+            .unwrap();
+    let attempts: [(&str, Option<u32>, Option<&std::path::Path>, &str); 5] = [
+        ("uid 65534", Some(65534), None, "127.0.0.1:15443"),
+        ("root", None, None, "127.0.0.1:15443"),
+        ("root over IPv6", None, None, "[::1]:15443"),
+        (
+            "a second cgroup",
+            Some(65534),
+            Some(other.path()),
+            "127.0.0.1:15443",
+        ),
+        (
+            "a cgroup redirected by other programs",
+            Some(65534),
+            Some(attached.path()),
+            "203.0.113.11:443",
+        ),
+    ];
+    for (who, user, cgroup, listener) in attempts {
+        let out = curl_the_listener(&net, listener, user, cgroup);
+        // 35: the TLS handshake failed (closed before any ServerHello), so
+        // the listener was reached and refused the connection.
+        assert_eq!(
+            out.status.code(),
+            Some(35),
+            "{who}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        net.apis.requests().is_empty(),
+        "something reached an upstream: {:?}",
+        net.apis.requests()
+    );
+    let log = fly.sidecar_log();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("not redirected from the sandbox"))
+        .collect();
+    assert_eq!(refusals.len(), 5, "{log}");
+    assert!(refusals.iter().all(|l| l.contains("peer=")), "{refusals:?}");
+    assert_eq!(
+        refusals
+            .iter()
+            .filter(|l| l.contains("Some(65534)"))
+            .count(),
+        3,
+        "{refusals:?}"
+    );
+    assert_eq!(
+        refusals.iter().filter(|l| l.contains("Some(0)")).count(),
+        2,
+        "{refusals:?}"
+    );
+    assert!(
+        !log.contains("verdict=\"intercept\"") && !log.contains("terminating TLS"),
+        "{log}"
+    );
+
+    // The sandbox, and a cgroup below it, still get their key.
+    let inner = fly.cgroup.child("inner");
+    for cg in [fly.cgroup.path().to_path_buf(), inner] {
+        let out = net
+            .command("curl")
+            .cgroup(&cg)
+            .envs(proxypilot_tests::shapes::sandbox_env(&fly.ca))
+            .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}"])
+            .arg(format!("https://{ANTHROPIC}/echo"))
+            .command()
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.ends_with("\n200"), "{}: {text}", cg.display());
+    }
+    let seen = net.apis.requests_to(ANTHROPIC);
+    assert_eq!(seen.len(), 2);
+    let key = net.apis.keys().anthropic.clone();
+    assert!(seen
+        .iter()
+        .all(|r| r.header("x-api-key") == Some(key.as_str())));
+}
+
+#[test]
+fn pass_through_never_dials_internal_addresses_or_unallowed_ports() {
+    require_root!();
+    let net = world();
+    // What an internal service looks like: a listener on loopback that
+    // counts connections.
+    let internal = std::net::TcpListener::bind("127.0.0.1:443").unwrap();
+    internal.set_nonblocking(true).unwrap();
+    let accepted = || {
+        let mut n = 0;
+        while internal.accept().is_ok() {
+            n += 1;
+        }
+        n
+    };
+    net.dns
+        .set("internal.test", vec!["127.0.0.1".parse().unwrap()]);
+    // Nothing listens on 10.0.0.5 (no such address in the namespace).
+    net.dns
+        .set("private.test", vec!["10.0.0.5".parse().unwrap()]);
+    let allow = [
+        "--allow",
+        "internal.test",
+        "--allow",
+        "*.private.test",
+        "--allow",
+        "private.test",
+        // The pass-through host's address on another port only.
+        "--allow-cidr",
+        "203.0.113.14:8443",
+    ];
+    {
+        let fly = shape_with(&net, "internal", &allow);
+        for url in ["https://internal.test/", "https://private.test/"] {
+            let out = curl(&net, &fly, &["-k", url]);
+            assert_eq!(
+                out.status.code(),
+                Some(35),
+                "{url}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // No SNI (an IP literal) to an address allowed on another port.
+        let out = curl(&net, &fly, &["-k", "https://203.0.113.14/echo"]);
+        assert_eq!(
+            out.status.code(),
+            Some(35),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(accepted(), 0, "pass-through dialled loopback");
+        assert!(net.apis.requests().is_empty(), "{:?}", net.apis.requests());
+        let log = fly.sidecar_log();
+        for want in [
+            "internal.test resolved to 127.0.0.1, which is loopback (127.0.0.0/8); pass-through does not dial internal addresses unless --allow-cidr allows them (e.g. --allow-cidr 127.0.0.1/32:443)",
+            "private.test resolved to 10.0.0.5, which is private (10.0.0.0/8)",
+            "no SNI in the ClientHello and no --allow-cidr allows 203.0.113.14:443 (address and port)",
+        ] {
+            assert!(log.contains(want), "{want}\n{log}");
+        }
+    }
+    // Allowed by --allow-cidr (address and port), it passes through.
+    let fly = shape_with(
+        &net,
+        "internal-allowed",
+        &["--allow", "internal.test", "--allow-cidr", "127.0.0.1:443"],
+    );
+    let out = curl(
+        &net,
+        &fly,
+        &["-k", "--max-time", "3", "https://internal.test/"],
+    );
+    assert!(!out.status.success(), "the listener speaks no TLS");
+    assert_eq!(accepted(), 1, "{}", fly.sidecar_log());
+}
+
+fn shape_with(net: &FakeInternet, name: &str, extra: &[&str]) -> FlyShape {
+    FlyShape::start(net, name, Tokenizer::Remote, extra)
+}
+
+/// curl in the sandbox with the dummy key; headers (and trailers) and body.
+fn echo_as(net: &FakeInternet, fly: &FlyShape, query: &str, extra: &[&str]) -> String {
+    let mut args = vec!["-D", "-", "-H", "x-api-key: dummy"];
+    args.extend_from_slice(extra);
+    let url = format!("https://{ANTHROPIC}/echo-secret-as?{query}");
+    args.push(&url);
+    let out = curl(net, fly, &args);
+    assert!(
+        out.status.success(),
+        "{query}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn echoes_of_the_key_are_masked_in_every_form_the_sandbox_can_ask_for() {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    use base64::Engine as _;
+    require_root!();
+    let net = world();
+    // Masking needs the plaintext key: the embedded tokenizer.
+    let fly = shape(&net, "echo-forms", Tokenizer::Embedded);
+    let key = net.apis.keys().anthropic.clone();
+    let k = key.as_bytes();
+    let no_key = |what: &str, out: &str| {
+        assert!(
+            !out.contains(key.as_str()),
+            "{what}: the key reached the sandbox:\n{out}"
+        );
+    };
+
+    // Encoded echoes, in a header and in the body.
+    for (form, encoded) in [
+        ("base64", STANDARD.encode(k)),
+        ("base64url", URL_SAFE.encode(k)),
+        ("base64-nopad", STANDARD_NO_PAD.encode(k)),
+        ("base64url-nopad", URL_SAFE_NO_PAD.encode(k)),
+        ("hex", hex::encode(k)),
+        ("HEX", hex::encode_upper(k)),
+        ("percent", key.clone()),
+    ] {
+        let out = echo_as(&net, &fly, &format!("form={form}"), &[]);
+        no_key(form, &out);
+        assert!(!out.contains(&encoded), "{form}:\n{out}");
+        assert_eq!(
+            out.matches("[REDACTED]").count(),
+            2,
+            "{form}: header and body\n{out}"
+        );
+    }
+
+    // The key inside a longer base64 document, at each of the 3 alignments:
+    // the characters that encode only the key's bytes are masked.
+    for pad in 0..3 {
+        let out = echo_as(&net, &fly, &format!("form=base64-json&pad={pad}"), &[]);
+        let offset = r#"{"filler":""#.len() + pad + r#"","key":""#.len();
+        let skip = (3 - offset % 3) % 3;
+        let whole = (k.len() - skip) / 3 * 3;
+        let core = STANDARD_NO_PAD.encode(&k[skip..skip + whole]);
+        assert!(
+            !out.contains(&core) && out.contains("[REDACTED]"),
+            "pad {pad}:\n{out}"
+        );
+    }
+
+    // Compression: the sandbox asks for gzip, proxypilot asks the API for
+    // identity, the echo comes back plain and masked.
+    let out = echo_as(&net, &fly, "form=gzip-if-asked", &["--compressed"]);
+    no_key("gzip-if-asked", &out);
+    assert!(out.contains("[REDACTED]"), "{out}");
+    let last = net.apis.requests_to(ANTHROPIC).pop().unwrap();
+    assert_eq!(last.header("accept-encoding"), Some("identity"));
+    // An API that compresses regardless: refused with a clear 502.
+    let out = echo_as(&net, &fly, "form=gzip", &["--compressed"]);
+    no_key("gzip", &out);
+    assert!(out.starts_with("HTTP/2 502"), "{out}");
+    assert!(
+        out.contains("Content-Encoding: gzip although proxypilot asked it for identity encoding"),
+        "{out}"
+    );
+
+    // Trailers, over HTTP/2 and HTTP/1.1 (asking for them with TE).
+    for extra in [&["--http2"][..], &["--http1.1", "-H", "TE: trailers"][..]] {
+        let out = echo_as(&net, &fly, "form=trailer", extra);
+        no_key("trailer", &out);
+        assert!(out.contains("see the trailer"), "{out}");
+        if extra[0] == "--http2" {
+            assert!(out.contains("x-echo: [REDACTED]"), "{out}");
+        }
+    }
+
+    // A key cut in two: two header values, two body chunks.
+    let out = echo_as(&net, &fly, "form=split", &[]);
+    let parts: String = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("x-echo-part: "))
+        .map(str::trim)
+        .collect();
+    no_key("split headers", &parts);
+    no_key("split body", &out);
+    assert!(parts.starts_with("[REDACTED]"), "{out}");
+    assert!(out.contains("key=[REDACTED]"), "{out}");
+}
+
+#[test]
+fn in_the_run_shape_a_local_process_dialling_the_listener_gets_nothing_either() {
+    require_root!();
+    let net = world();
+    let log = net.dir.0.join("run-outsider.log");
+    let mut run = proxypilot_tests::shapes::local_run(&net, &[], &["sleep", "4"])
+        .env("PROXYPILOT_LOG", "info")
+        .command()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // `run` listens on an ephemeral port; its start-up line says which.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let listener = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let found = text
+            .lines()
+            .find(|l| l.contains("proxypilot is serving the sandbox"))
+            .and_then(|l| l.split("127.0.0.1:").nth(1))
+            .map(|rest| {
+                rest.chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+            });
+        if let Some(port) = found {
+            break format!("127.0.0.1:{port}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "run never started serving:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = curl_the_listener(&net, &listener, Some(65534), None);
+    assert_eq!(
+        out.status.code(),
+        Some(35),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(run.wait().unwrap().success());
+    assert!(net.apis.requests().is_empty(), "{:?}", net.apis.requests());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let refusal = text
+        .lines()
+        .find(|l| l.contains("not redirected from the sandbox"))
+        .unwrap_or_else(|| panic!("no refusal logged:\n{text}"));
+    assert!(refusal.contains("Some(65534)"), "{refusal}");
 }

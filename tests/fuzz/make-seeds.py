@@ -69,6 +69,7 @@ TOML = {
     "embedded": 'tokenizer = "embedded"\nopen-key-file = "/nonexistent/key"\nupstream-ca = ["/nonexistent/ca.pem"]\n',
     "errors": 'target = ["bad", "h=1X", "a.b=BAD", "x.com=MISSING"]\nallow = ["1.2.3.4", "*.", "a:1"]\ntokenizer = "https://x/p"\ninfo-port = 0\n',
     "unknown": 'unknown-key = 1\n',
+    "permits": 'permit = ["api.openai.com POST /v1/chat/completions", "api.github.com * /**/x/*"]\n[target]\n"api.openai.com" = "OPENAI"\n"api.github.com" = { secret = "GH", permit = ["GET /repos/acme/**", "post /repos/%61cme/*/issues/"] }\n',
     "types": 'target = 3\nallow = "x"\n[kernel.nested]\na = [1, 2.5, true, 1979-05-27T07:32:00Z, {x = "y"}]\n',
 }
 for name, t in TOML.items():

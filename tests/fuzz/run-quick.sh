@@ -35,7 +35,7 @@ fi
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}/fuzz
 # The targets never load the eBPF programs: skip building them (and the
-# BPF toolchain they need); see proxypilot-userspace/build.rs.
+# BPF toolchain they need); see proxypilot-kernel/build.rs.
 export PROXYPILOT_EBPF_PLACEHOLDER=${PROXYPILOT_EBPF_PLACEHOLDER:-1}
 cd "$root"
 
@@ -53,8 +53,14 @@ for t in "${targets[@]}"; do
     cp -R "tests/fuzz/corpus/$t/." "$scratch/$t/"
     # -timeout: one input taking >10 s is a finding (the relay's own
     # timeouts are 1-5 s in the harness).
-    if ! cargo +nightly fuzz run -s "$sanitizer" "$t" --fuzz-dir tests/fuzz "$scratch/$t" -- \
-        -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1; then
+    # libFuzzer's progress lines go to a log: a run that passes prints its
+    # final stats, one that fails its last lines (the crash and reproducer).
+    log="$scratch/$t.log"
+    if cargo +nightly fuzz run -s "$sanitizer" "$t" --fuzz-dir tests/fuzz "$scratch/$t" -- \
+        -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
+        grep -E '^(Done|stat::)' "$log" || true
+    else
+        tail -n 80 "$log"
         failed+=("$t")
     fi
 done

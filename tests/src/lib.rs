@@ -1,6 +1,8 @@
-//! Support for proxypilot's privileged end-to-end tests: network namespaces
-//! with documentation-range addresses on their own `lo`, throwaway cgroups,
-//! and commands run inside a cgroup.
+//! The one test harness of proxypilot: network namespaces with
+//! documentation-range addresses on their own `lo`, throwaway cgroups and
+//! commands run inside a cgroup (the privileged tests), the test CA
+//! ([`testca`]), the fake upstreams and tokenizers (in a namespace,
+//! [`upstream`]; on loopback, [`loopback`]) and the log capture ([`logs`]).
 //!
 //! Network safety: every test calls [`NetNs::enter_new`] before it touches a
 //! non-loopback address, so nothing it sends can leave the machine even if a
@@ -162,8 +164,44 @@ pub fn probe_one(cgroup: &Path, args: &[&str]) -> serde_json::Value {
     v.remove(0)
 }
 
+/// The probes and client scripts the sandbox runs (tests/support).
+///
+/// The sandbox runs as a uid of its own (or `nobody`), so it must be able
+/// to reach them. When some directory above the checkout is closed to
+/// others (a clone in a `mktemp -d` directory is 0700), they are copied
+/// once per test process to a world-readable directory under the temp
+/// dir; copies left by earlier runs whose process is gone are removed.
 pub fn support_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("support")
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("support");
+        if traversable_by_others(&src) {
+            return src;
+        }
+        let tmp = std::env::temp_dir();
+        const PREFIX: &str = "proxypilot-test-support-";
+        for e in fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix(PREFIX) {
+                if !Path::new("/proc").join(pid).exists() {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dst = tmp.join(format!("{PREFIX}{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dst);
+        run_ok(Command::new("cp").arg("-a").arg(&src).arg(&dst));
+        run_ok(Command::new("chmod").args(["-R", "a+rX"]).arg(&dst));
+        dst
+    })
+    .clone()
+}
+
+/// True when every directory from `/` down to `path` lets others pass.
+fn traversable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.ancestors()
+        .all(|d| fs::metadata(d).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
 }
 
 /// The `proxypilot` binary of this build (target/<profile>/proxypilot).
@@ -198,6 +236,7 @@ pub fn test_policy(
         listen_v6: None,
         allowed,
         exempt_cgroup_id: cgroup::cgroup_id(&own).unwrap(),
+        allowed_unix: vec![],
     };
     policy.set_listeners(listeners).unwrap();
     policy
@@ -352,6 +391,12 @@ impl Drop for Proxypilot {
     }
 }
 
+/// Programs `bpftool cgroup show` lists on each sandbox cgroup:
+/// connect4/6, sendmsg4/6, getpeername4/6, sock_ops, sock_create,
+/// setsockopt, cgroup_skb egress and ingress. (bpftool does not list the
+/// unix socket hooks; `proxypilot::kernel::unix` counts those.)
+pub const ATTACHED_PROGRAMS: usize = 11;
+
 /// The programs attached to `cgroup` as `bpftool cgroup show` lists them
 /// (attach type and program name per line).
 pub fn attached_programs(cgroup: &Path) -> Vec<String> {
@@ -402,6 +447,8 @@ pub fn read_all(mut s: impl Read) -> String {
 pub mod dns;
 pub mod faults_support;
 pub mod loadgen;
+pub mod logs;
+pub mod loopback;
 pub mod sandbox;
 pub mod shapes;
 pub mod testca;

@@ -83,6 +83,12 @@ pub enum Mode {
         conns: usize,
         path: String,
     },
+    /// One WebSocket (the fake Realtime endpoint at `path`): round trips
+    /// of a small text frame, one at a time.
+    WsRoundTrip {
+        iterations: usize,
+        path: String,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -122,6 +128,9 @@ impl Spec {
             Mode::Download { path, expect_bytes } => json!({"kind": "download",
                 "path": path, "expect_bytes": expect_bytes}),
             Mode::Hold { conns, path } => json!({"kind": "hold", "conns": conns, "path": path}),
+            Mode::WsRoundTrip { iterations, path } => {
+                json!({"kind": "ws", "iterations": iterations, "path": path})
+            }
         };
         json!({"target": target, "mode": mode})
     }
@@ -184,6 +193,10 @@ impl Spec {
             },
             "hold" => Mode::Hold {
                 conns: n(m, "conns")? as usize,
+                path: s(m, "path")?,
+            },
+            "ws" => Mode::WsRoundTrip {
+                iterations: n(m, "iterations")? as usize,
                 path: s(m, "path")?,
             },
             k => return Err(format!("spec: unknown mode {k}")),
@@ -452,6 +465,7 @@ pub async fn run(spec: &Spec) -> Result<Report, BoxError> {
         Mode::Sse { iterations, path } => sse(&client, iterations, &path).await,
         Mode::Download { path, expect_bytes } => download(&client, &path, expect_bytes).await,
         Mode::Hold { conns, path } => hold(client, conns, path).await,
+        Mode::WsRoundTrip { iterations, path } => ws_roundtrip(&client, iterations, &path).await,
     }
 }
 
@@ -623,6 +637,69 @@ async fn sse(client: &Client, iterations: usize, path: &str) -> Result<Report, B
         ..Default::default()
     }
     .with_latencies(&lat))
+}
+
+async fn ws_roundtrip(client: &Client, iterations: usize, path: &str) -> Result<Report, BoxError> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let tcp = tokio::net::TcpStream::connect(client.addr).await?;
+    tcp.set_nodelay(true)?;
+    let tls = client.tls.connect(client.server_name.clone(), tcp).await?;
+    let mut req = format!("wss://{}{path}", client.host).into_client_request()?;
+    for (k, v) in &client.headers {
+        req.headers_mut().insert(k.clone(), v.clone());
+    }
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await?;
+    // The server's session.created first; then warm up.
+    ws.next()
+        .await
+        .ok_or("ws: closed before session.created")??;
+    for _ in 0..10 {
+        ws_round_trip(&mut ws).await?;
+    }
+    let mut w = Worker::default();
+    let start = Instant::now();
+    for _ in 0..iterations {
+        match ws_round_trip(&mut ws).await {
+            Ok(d) => {
+                w.count += 1;
+                w.lat.push(us(d));
+            }
+            Err(e) => w.error(e),
+        }
+    }
+    w.total = w.count;
+    let elapsed = start.elapsed();
+    let _ = ws.close(None).await;
+    let lat = Latencies::from_unsorted(std::mem::take(&mut w.lat));
+    Ok(Report {
+        count: w.count,
+        total: w.total,
+        errors: w.errors,
+        first_error: w.first_error,
+        seconds: elapsed.as_secs_f64(),
+        rate: w.count as f64 / elapsed.as_secs_f64(),
+        ..Default::default()
+    }
+    .with_latencies(&lat))
+}
+
+/// Sends a small text frame and waits for the next text frame (the echo).
+async fn ws_round_trip<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+) -> Result<Duration, BoxError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let t = Instant::now();
+    ws.send(Message::text("ping 0123456789abcdef")).await?;
+    loop {
+        if let Message::Text(_) = ws.next().await.ok_or("ws: closed")?? {
+            return Ok(t.elapsed());
+        }
+    }
 }
 
 async fn download(client: &Client, path: &str, expect: u64) -> Result<Report, BoxError> {

@@ -32,6 +32,7 @@ pub struct SandboxCommand {
     env: Vec<(OsString, OsString)>,
     clear_env: bool,
     cwd: Option<PathBuf>,
+    from_root_home: Vec<PathBuf>,
 }
 
 impl SandboxCommand {
@@ -52,6 +53,7 @@ impl SandboxCommand {
             env,
             clear_env: true,
             cwd: None,
+            from_root_home: Vec::new(),
         }
     }
 
@@ -122,6 +124,16 @@ impl SandboxCommand {
         self
     }
 
+    /// Makes `dir` (inside /root, which is 0700) usable by any uid in this
+    /// mount namespace: /root is covered by an empty tmpfs (mode 0755) and
+    /// only `dir` is bind-mounted back, at the same path. The test
+    /// machine's Python lives in /root/.pyenv; an unprivileged sandbox
+    /// (`proxypilot run`'s own uid) could not run it otherwise.
+    pub fn from_root_home(mut self, dir: impl AsRef<Path>) -> Self {
+        self.from_root_home.push(dir.as_ref().to_owned());
+        self
+    }
+
     pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Self {
         self.cwd = Some(dir.as_ref().to_owned());
         self
@@ -138,6 +150,27 @@ impl SandboxCommand {
         if let Some(rc) = &self.resolv_conf {
             let p = param(&mut values, rc.clone().into());
             script += &format!("{} --bind \"{p}\" /etc/resolv.conf\n", tool("mount"));
+        }
+        if !self.from_root_home.is_empty() {
+            let mut stashes = Vec::new();
+            for (i, dir) in self.from_root_home.iter().enumerate() {
+                let p = param(&mut values, dir.clone().into());
+                script += &format!(
+                    "s{i}=$(mktemp -d)\n{m} --rbind \"{p}\" \"$s{i}\"\n",
+                    m = tool("mount")
+                );
+                stashes.push((i, p));
+            }
+            script += &format!(
+                "{} -t tmpfs -o mode=0755 proxypilot-test /root\n",
+                tool("mount")
+            );
+            for (i, p) in stashes {
+                script += &format!(
+                    "mkdir -p \"{p}\"\n{m} --move \"$s{i}\" \"{p}\"\nrmdir \"$s{i}\"\n",
+                    m = tool("mount")
+                );
+            }
         }
         if let Some(cg) = &self.cgroup {
             let p = param(&mut values, cg.clone().into());

@@ -194,8 +194,35 @@ impl FlyShape {
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("/stats: {e}: {body}"))
     }
 
+    /// The sidecar's log so far. The sidecar writes through a writer
+    /// thread, so the line for something the test just saw happen can land
+    /// a moment later: this returns once the log has stopped growing
+    /// (100 ms without a new byte, 3 s at most).
     pub fn sidecar_log(&self) -> String {
-        self.sidecar.stderr()
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let mut log = self.sidecar.stderr();
+        loop {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let now = self.sidecar.stderr();
+            if now.len() == log.len() || std::time::Instant::now() > deadline {
+                return now;
+            }
+            log = now;
+        }
+    }
+
+    /// The sidecar's log once it holds every one of `needles` (denials
+    /// and audit lines are written when their event has ended, which may
+    /// be just after the test saw it), or as it is after 10 s.
+    pub fn log_with(&self, needles: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let log = self.sidecar_log();
+            if needles.iter().all(|n| log.contains(n)) || std::time::Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 }
 
@@ -261,6 +288,22 @@ pub fn sandbox_env(ca: &std::path::Path) -> Vec<(String, String)> {
     env
 }
 
+/// The installation prefix of the tests' `python3` when it lives in /root
+/// (pyenv), which only root may enter.
+pub fn python_prefix_in_root_home() -> Option<PathBuf> {
+    static PREFIX: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    PREFIX
+        .get_or_init(|| {
+            let out = Command::new("python3")
+                .args(["-c", "import sys; print(sys.base_prefix)"])
+                .output()
+                .ok()?;
+            let prefix = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+            prefix.starts_with("/root/").then_some(prefix)
+        })
+        .clone()
+}
+
 /// `proxypilot run` (the local shape) with the real keys in its own
 /// environment and `--secret` for each API, running `cmd`.
 pub fn local_run(net: &FakeInternet, extra: &[&str], cmd: &[&str]) -> SandboxCommand {
@@ -281,8 +324,12 @@ pub fn local_run(net: &FakeInternet, extra: &[&str], cmd: &[&str]) -> SandboxCom
 /// (the `--secret`s among them) as given.
 pub fn local_run_with(net: &FakeInternet, run_args: &[&str], cmd: &[&str]) -> SandboxCommand {
     let keys = net.apis.keys();
-    net.command(proxypilot_bin())
-        .env("ANTHROPIC_API_KEY", &keys.anthropic)
+    let mut run = net.command(proxypilot_bin());
+    // The command runs as a uid of its own, which cannot enter /root.
+    if let Some(prefix) = python_prefix_in_root_home() {
+        run = run.from_root_home(prefix);
+    }
+    run.env("ANTHROPIC_API_KEY", &keys.anthropic)
         .env("OPENAI_API_KEY", &keys.openai)
         .env("GH_TOKEN", &keys.github)
         .env("TMPDIR", &net.dir.0)

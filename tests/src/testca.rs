@@ -1,4 +1,5 @@
-//! A throwaway CA for the fake upstream APIs.
+//! The tests' one CA: throwaway, for the fake upstreams (in a network
+//! namespace, [`crate::upstream`], or on loopback, [`crate::loopback`]).
 //!
 //! It stands for the public web PKI: only the tokenizer side (proxypilot's
 //! `--upstream-ca`, or a test's own rustls client) trusts it. The sandbox
@@ -108,21 +109,25 @@ impl TestCa {
         Arc::new(cfg)
     }
 
-    /// A root store holding only this CA.
-    pub fn root_store(&self) -> rustls::RootCertStore {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.der()).unwrap();
-        roots
-    }
-
     /// A rustls client config that trusts only this CA.
     pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(self.root_store())
-            .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Arc::new(cfg)
+        client_config_trusting(self.der(), alpn)
     }
+}
+
+/// A rustls client config that trusts only `root` (this harness's CA, or
+/// proxypilot's), offering the ALPN protocols `alpn`.
+pub fn client_config_trusting(
+    root: CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
 }

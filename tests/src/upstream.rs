@@ -14,6 +14,10 @@
 //! `/reset-after?n=N` (N bytes of 2N announced, then the connection aborts).
 //! Every request is recorded (see [`FakeApis::requests`]).
 //!
+//! api.openai.com also serves the Realtime API's WebSocket,
+//! `wss://…/v1/realtime` (see [`realtime`]); how each session ended is in
+//! [`FakeApis::websocket_ends`].
+//!
 //! Streaming responses (Anthropic, OpenAI, `/sse`) pass each event through
 //! an optional [`Gate`], so a test can prove the client saw event N before
 //! the server sent event N+1.
@@ -245,6 +249,23 @@ impl Gate {
         self.sent.load(Ordering::SeqCst)
     }
 
+    /// Takes one permit for the next event; false if the gate is gone.
+    pub(crate) async fn admit(&self) -> bool {
+        match self.permits.acquire().await {
+            Ok(p) => {
+                p.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Counts an event as released: call it before the send, so a client
+    /// that has event N can never observe `sent() < N`.
+    pub(crate) fn mark_sent(&self) {
+        self.sent.fetch_add(1, Ordering::SeqCst);
+    }
+
     /// Waits (polling) until `sent() >= n`; false on timeout.
     pub fn wait_sent(&self, n: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -264,6 +285,19 @@ struct State {
     gate: Mutex<Option<Arc<Gate>>>,
     event_delay_ms: AtomicU64,
     ids: AtomicU64,
+    /// How each WebSocket session ended, in order.
+    ws_ends: Mutex<Vec<WsEnd>>,
+}
+
+/// How a fake WebSocket session ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WsEnd {
+    /// The client sent a close frame (the fake answered it).
+    ClientClosed,
+    /// The fake closed it, asked to by a `close` message.
+    ServerClosed,
+    /// The connection ended without a close handshake.
+    Dropped(String),
 }
 
 impl State {
@@ -305,6 +339,7 @@ impl FakeApis {
             gate: Mutex::new(None),
             event_delay_ms: AtomicU64::new(0),
             ids: AtomicU64::new(1),
+            ws_ends: Mutex::new(Vec::new()),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -374,6 +409,11 @@ impl FakeApis {
             .collect()
     }
 
+    /// How each WebSocket session has ended so far.
+    pub fn websocket_ends(&self) -> Vec<WsEnd> {
+        self.state.ws_ends.lock().unwrap().clone()
+    }
+
     pub fn clear_requests(&self) {
         self.state.log.lock().unwrap().clear();
     }
@@ -433,7 +473,7 @@ async fn serve(
                 async move { Ok::<_, Infallible>(handle(req, &conn, &state).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), svc)
+                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                 .await;
         });
     }
@@ -448,7 +488,9 @@ struct Conn {
 }
 
 /// Handles one request and records it with the status it got.
-async fn handle(req: Request<Incoming>, conn: &Conn, state: &Arc<State>) -> Response<Body> {
+async fn handle(mut req: Request<Incoming>, conn: &Conn, state: &Arc<State>) -> Response<Body> {
+    let mut upgrade = (conn.api == Api::OpenAi && req.uri().path() == "/v1/realtime")
+        .then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let path = parts
         .uri
@@ -483,6 +525,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn, state: &Arc<State>) -> Resp
 
     let resp = match route.as_str() {
         "/echo" => json_response(StatusCode::OK, echo_json(&record)),
+        "/v1/realtime" if upgrade.is_some() => realtime(upgrade.take().unwrap(), h, &query, state),
         "/reply" => {
             // `delay_ms`: the time a real API takes to answer.
             if let Some(ms) = query.get("delay_ms").and_then(|v| v.parse().ok()) {
@@ -494,6 +537,7 @@ async fn handle(req: Request<Incoming>, conn: &Conn, state: &Arc<State>) -> Resp
         "/bytes" => bytes_response(query.get("n").and_then(|n| n.parse().ok()).unwrap_or(0)),
         "/sse" => generic_sse(state, &query),
         "/echo-secret" => echo_secret(h),
+        "/echo-secret-as" => echo_secret_as(h, &query),
         "/reset-after" => reset_after(query.get("n").and_then(|n| n.parse().ok()).unwrap_or(0)),
         _ => {
             // The API endpoints read the whole (small) body first.
@@ -513,6 +557,126 @@ async fn handle(req: Request<Incoming>, conn: &Conn, state: &Arc<State>) -> Resp
     record.status = resp.status().as_u16();
     state.log.lock().unwrap().push(record);
     resp
+}
+
+// ---------- OpenAI Realtime (WebSocket) ----------
+
+/// `wss://api.openai.com/v1/realtime`: checks the key as the real API does
+/// (401 otherwise), answers `101` with RFC 6455's accept key, then sends
+/// `session.created`, answers a `conversation.item.create` event with
+/// `conversation.item.created` (as the OpenAI SDK's realtime client
+/// expects), echoes any other text message as `{"type":"echo",...}`, and
+/// closes (1000, "bye") when sent `close`. `?status=N` answers the
+/// upgrade with N instead, as an API that refuses it would.
+fn realtime(
+    upgrade: hyper::upgrade::OnUpgrade,
+    h: &HeaderMap,
+    query: &HashMap<String, String>,
+    state: &Arc<State>,
+) -> Response<Body> {
+    if let Some(code) = query.get("status").and_then(|s| s.parse().ok()) {
+        let status = StatusCode::from_u16(code).unwrap();
+        return json_response(
+            status,
+            json!({"error": {"message": "the test asked for this status"}}),
+        );
+    }
+    if header_str(h, "authorization") != Some(&format!("Bearer {}", state.keys.openai)) {
+        return json_response(
+            StatusCode::UNAUTHORIZED,
+            json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}}),
+        );
+    }
+    let lists = |name: &str, token: &str| {
+        h.get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    let key = h.get("sec-websocket-key");
+    if !lists("connection", "upgrade") || !lists("upgrade", "websocket") || key.is_none() {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            json!({"error": {"message": "expected a WebSocket upgrade"}}),
+        );
+    }
+    let accept =
+        tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.unwrap().as_bytes());
+    let state = state.clone();
+    tokio::spawn(async move {
+        let end = match upgrade.await {
+            Ok(io) => realtime_session(TokioIo::new(io), &state).await,
+            Err(e) => WsEnd::Dropped(format!("upgrade: {e}")),
+        };
+        state.ws_ends.lock().unwrap().push(end);
+    });
+    let mut r = Response::new(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let hs = r.headers_mut();
+    hs.insert("connection", hv("Upgrade"));
+    hs.insert("upgrade", hv("websocket"));
+    hs.insert("sec-websocket-accept", hv(&accept));
+    r
+}
+
+async fn realtime_session(io: TokioIo<hyper::upgrade::Upgraded>, state: &State) -> WsEnd {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{
+        protocol::{frame::coding::CloseCode, CloseFrame, Role},
+        Message,
+    };
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    let created = json!({
+        "type": "session.created",
+        "event_id": state.id("event_"),
+        "session": {"id": state.id("sess_"), "object": "realtime.session", "model": "gpt-realtime"},
+    });
+    if let Err(e) = ws.send(Message::text(created.to_string())).await {
+        return WsEnd::Dropped(e.to_string());
+    }
+    // Read until the end, so tungstenite flushes its answer to a close.
+    let mut end = None;
+    while let Some(msg) = ws.next().await {
+        match msg {
+            Ok(Message::Text(t)) if t.as_str() == "close" => {
+                end = Some(WsEnd::ServerClosed);
+                let frame = CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "bye".into(),
+                };
+                if let Err(e) = ws.close(Some(frame)).await {
+                    return WsEnd::Dropped(e.to_string());
+                }
+            }
+            Ok(Message::Text(t)) => {
+                let event: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                let answer = if event["type"] == "conversation.item.create" {
+                    json!({
+                        "type": "conversation.item.created",
+                        "event_id": state.id("event_"),
+                        "previous_item_id": null,
+                        "item": event["item"],
+                    })
+                } else {
+                    json!({"type": "echo", "text": t.as_str()})
+                };
+                if let Err(e) = ws.send(Message::text(answer.to_string())).await {
+                    return WsEnd::Dropped(e.to_string());
+                }
+            }
+            // tungstenite answers the client's close frame itself.
+            Ok(Message::Close(_)) => {
+                end.get_or_insert(WsEnd::ClientClosed);
+            }
+            Ok(_) => {}
+            Err(e) => return WsEnd::Dropped(e.to_string()),
+        }
+    }
+    end.unwrap_or_else(|| WsEnd::Dropped("the connection ended without a close frame".into()))
 }
 
 // ---------- Anthropic ----------
@@ -810,6 +974,13 @@ fn openai(
 
 // ---------- GitHub ----------
 
+/// `/repos/OWNER/NAME` → (OWNER, NAME).
+fn repo_of(route: &str) -> Option<(&str, &str)> {
+    let rest = route.strip_prefix("/repos/")?;
+    let (owner, name) = rest.split_once('/')?;
+    (!owner.is_empty() && !name.is_empty() && !name.contains('/')).then_some((owner, name))
+}
+
 fn github(m: &Method, route: &str, h: &HeaderMap, body: &[u8], real: &str) -> Response<Body> {
     let msg = |status: StatusCode, text: &str, doc: &str| {
         json_response(
@@ -871,6 +1042,12 @@ fn github(m: &Method, route: &str, h: &HeaderMap, body: &[u8], real: &str) -> Re
             "https://docs.github.com/graphql/guides/forming-calls-with-graphql#authenticating-with-graphql",
         ),
         ("GET", "/") => json_response(StatusCode::OK, json!({"current_user_url": "https://api.github.com/user"})),
+        // Any /repos/OWNER/NAME exists (the permit tests' reads and deletes).
+        ("GET", r) if authed && repo_of(r).is_some() => {
+            let (owner, name) = repo_of(r).unwrap();
+            json_response(StatusCode::OK, json!({"full_name": format!("{owner}/{name}"), "name": name, "private": false}))
+        }
+        ("DELETE", r) if authed && repo_of(r).is_some() => json_response(StatusCode::OK, json!({})),
         _ => msg(StatusCode::NOT_FOUND, "Not Found", "https://docs.github.com/rest"),
     };
     let hs = resp.headers_mut();
@@ -961,7 +1138,7 @@ pub fn pattern_byte(i: u64) -> u8 {
 
 /// `n` pattern bytes in 64 KiB chunks through a small channel, so the server
 /// never holds more than a few chunks however large `n` is.
-fn bytes_response(n: u64) -> Response<Body> {
+pub(crate) fn bytes_response(n: u64) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Bytes>(2);
     tokio::spawn(async move {
         let mut off = 0u64;
@@ -1005,6 +1182,150 @@ fn echo_secret(h: &HeaderMap) -> Response<Body> {
     r
 }
 
+/// `/echo-secret-as?form=F`: echoes the `x-api-key` it received in a form
+/// the sandbox could ask for, to test that the tokenizer masks it:
+/// - `base64`, `base64url`, `base64-nopad`, `base64url-nopad`, `hex`, `HEX`,
+///   `percent`: encoded, in the `x-echo` header and the JSON body;
+/// - `base64-json&pad=N`: the body is the base64 of a JSON document that
+///   holds the key after N filler bytes (each alignment of the key);
+/// - `gzip`: the JSON echo gzip-compressed whatever was asked;
+///   `gzip-if-asked`: only if Accept-Encoding asked for gzip, as real APIs;
+/// - `trailer`: a streamed body, the key in the `x-echo` trailer;
+/// - `split`: the key cut in two, in two `x-echo-part` values and in two
+///   body chunks sent 50 ms apart.
+fn echo_secret_as(h: &HeaderMap, q: &HashMap<String, String>) -> Response<Body> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    use base64::Engine as _;
+    let key = header_str(h, "x-api-key").unwrap_or("").to_string();
+    let form = q.get("form").map(String::as_str).unwrap_or("");
+    let encoded = match form {
+        "base64" => Some(STANDARD.encode(&key)),
+        "base64url" => Some(URL_SAFE.encode(&key)),
+        "base64-nopad" => Some(STANDARD_NO_PAD.encode(&key)),
+        "base64url-nopad" => Some(URL_SAFE_NO_PAD.encode(&key)),
+        "hex" => Some(hex::encode(&key)),
+        "HEX" => Some(hex::encode_upper(&key)),
+        "percent" => Some(
+            key.bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect(),
+        ),
+        _ => None,
+    };
+    if let Some(e) = encoded {
+        let mut r = json_response(StatusCode::OK, json!({ "echo": e }));
+        if let Ok(v) = HeaderValue::from_str(&e) {
+            r.headers_mut().insert("x-echo", v);
+        }
+        return r;
+    }
+    let stream = |frames: Vec<Frame<Bytes>>, gap: Duration| {
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, io::Error>>(1);
+        tokio::spawn(async move {
+            for f in frames {
+                if tx.send(Ok(f)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(gap).await;
+            }
+        });
+        Response::new(FrameBody(rx).boxed())
+    };
+    match form {
+        "base64-json" => {
+            let pad: usize = q.get("pad").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let doc = format!("{{\"filler\":\"{}\",\"key\":\"{key}\"}}", "x".repeat(pad));
+            Response::new(
+                Full::new(Bytes::from(STANDARD.encode(doc)))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+        }
+        "gzip" | "gzip-if-asked" => {
+            let body = json!({ "x-api-key": key }).to_string();
+            let asked = header_str(h, "accept-encoding").is_some_and(|v| v.contains("gzip"));
+            if form == "gzip-if-asked" && !asked {
+                return json_response(StatusCode::OK, json!({ "x-api-key": key }));
+            }
+            let mut r = Response::new(
+                Full::new(Bytes::from(gzip(body.as_bytes())))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            );
+            r.headers_mut()
+                .insert("content-encoding", HeaderValue::from_static("gzip"));
+            r
+        }
+        "trailer" => {
+            let mut t = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&key) {
+                t.insert("x-echo", v);
+            }
+            let mut r = stream(
+                vec![
+                    Frame::data(Bytes::from_static(b"see the trailer\n")),
+                    Frame::trailers(t),
+                ],
+                Duration::ZERO,
+            );
+            r.headers_mut()
+                .insert("trailer", HeaderValue::from_static("x-echo"));
+            r
+        }
+        "split" => {
+            let (a, b) = key.split_at(key.len() / 2);
+            let mut r = stream(
+                vec![
+                    Frame::data(Bytes::from(format!("key={a}"))),
+                    Frame::data(Bytes::from(format!("{b};\n"))),
+                ],
+                Duration::from_millis(50),
+            );
+            for part in [a, b] {
+                if let Ok(v) = HeaderValue::from_str(part) {
+                    r.headers_mut().append("x-echo-part", v);
+                }
+            }
+            r
+        }
+        _ => json_response(StatusCode::BAD_REQUEST, json!({ "error": "unknown form" })),
+    }
+}
+
+/// gzip with the system's `gzip` (the tests need real compression only
+/// here, so no compression crate).
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("gzip")
+        .args(["-c", "-n"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gzip runs");
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    child.wait_with_output().expect("gzip output").stdout
+}
+
+/// A body fed frame by frame (data and trailers) through a channel.
+struct FrameBody(mpsc::Receiver<Result<Frame<Bytes>, io::Error>>);
+
+impl http_body::Body for FrameBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.0.poll_recv(cx)
+    }
+}
+
 /// `/reset-after?n=N` (fault tests): announces 2N bytes, sends N pattern
 /// bytes, then fails the body so hyper aborts the connection mid-stream.
 fn reset_after(n: u64) -> Response<Body> {
@@ -1045,7 +1366,7 @@ impl http_body::Body for ResetBody {
 
 /// A body fed by a channel: each message is one data frame, sent as soon as
 /// it is produced.
-struct ChanBody(mpsc::Receiver<Bytes>);
+pub(crate) struct ChanBody(pub(crate) mpsc::Receiver<Bytes>);
 
 impl http_body::Body for ChanBody {
     type Data = Bytes;
@@ -1078,9 +1399,8 @@ fn stream_events_with(
     tokio::spawn(async move {
         for (i, ev) in events.into_iter().enumerate() {
             if let Some(g) = &gate {
-                match g.permits.acquire().await {
-                    Ok(p) => p.forget(),
-                    Err(_) => return,
+                if !g.admit().await {
+                    return;
                 }
             }
             if i > 0 && !gap.is_zero() {
@@ -1089,7 +1409,7 @@ fn stream_events_with(
             // Counted before the send, so a client that has event N can
             // never observe `sent() < N`.
             if let Some(g) = &gate {
-                g.sent.fetch_add(1, Ordering::SeqCst);
+                g.mark_sent();
             }
             if tx.send(ev).await.is_err() {
                 return;

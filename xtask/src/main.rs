@@ -4,8 +4,9 @@
 //! plain `cargo build` builds everything, the eBPF object included.
 
 use std::{
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{bail, Context, Result};
@@ -22,7 +23,8 @@ struct Cli {
 enum Task {
     /// Install everything a fresh Debian machine needs (idempotent): the
     /// offline eBPF toolchain, bpf-linker, bpftool, iproute2, curl, the
-    /// test clients and cargo-fuzz.
+    /// test clients, cargo-fuzz, and for the container test docker.io,
+    /// mmdebstrap and the shell image's SDKs.
     Setup,
     /// Build, then run the whole test suite (privileged tests need root),
     /// then each fuzz target for 15 s. With a test filter, just those tests.
@@ -72,6 +74,10 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "gh",
     "util-linux",
+    // The container test (tests/e2e/containers.rs): Debian's docker engine
+    // (no registry is reachable: base images come from mmdebstrap).
+    "docker.io",
+    "mmdebstrap",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -189,6 +195,10 @@ fn setup() -> Result<()> {
     run(Command::new("npm")
         .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
         .current_dir(root.join("tests/support/clients")))?;
+    // The shell image's SDKs, for its offline build in the container test.
+    run(Command::new("bash")
+        .arg(root.join("deploy/fetch-shell-sdks.sh"))
+        .arg(target_dir(&root).join("containers/sdk-cache")))?;
     eprintln!("xtask: setup complete; `cargo build` now builds everything");
     Ok(())
 }
@@ -200,11 +210,14 @@ fn test(args: &[String]) -> Result<()> {
         .current_dir(&root)
         .args(["build", "--bins"]))?;
     // Every test binary runs even after a failure, so one run reports all.
-    let tests = run(Command::new("cargo")
-        .current_dir(&root)
-        .args(["test", "--no-fail-fast"])
-        .args(args));
+    let (tests, failures) = run_tests(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["test", "--no-fail-fast"])
+            .args(args),
+    )?;
     if !args.is_empty() {
+        print_failures(&failures);
         return tests; // a filtered run: just those tests
     }
     // The whole suite also fuzzes each target briefly, from its committed
@@ -214,12 +227,88 @@ fn test(args: &[String]) -> Result<()> {
         .current_dir(&root)
         .env("FUZZ_SECONDS", FUZZ_SMOKE_SECONDS)
         .env("FUZZ_SANITIZER", "none"));
+    // Last, so that the end of a long log says what failed.
+    print_failures(&failures);
     match (tests, fuzz) {
         (Ok(()), Ok(())) => Ok(()),
         (Err(e), Ok(())) => Err(e),
         (Ok(()), Err(e)) => Err(e.context("the tests passed, but a fuzz target failed")),
         (Err(t), Err(f)) => bail!("{t:#}; and a fuzz target failed: {f:#}"),
     }
+}
+
+/// One failed test: its name and what it printed (its panic message).
+struct Failure {
+    name: String,
+    output: Vec<String>,
+}
+
+/// Runs `cargo test`, passing its output through while keeping the failed
+/// tests' names and output, which the end of the run repeats.
+fn run_tests(cmd: &mut Command) -> Result<(Result<()>, Vec<Failure>)> {
+    eprintln!("xtask: running {cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut failures = Vec::new();
+    let mut current: Option<Failure> = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        if let Some(name) = line
+            .strip_prefix("---- ")
+            .and_then(|l| l.strip_suffix(" stdout ----"))
+        {
+            failures.extend(current.take());
+            current = Some(Failure {
+                name: name.to_owned(),
+                output: Vec::new(),
+            });
+        } else if line == "failures:" || line.starts_with("test result:") {
+            failures.extend(current.take());
+        } else if let Some(f) = current.as_mut() {
+            f.output.push(line);
+        }
+    }
+    failures.extend(current.take());
+    let status = child.wait().context("waiting for cargo test")?;
+    let result = if status.success() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("{cmd:?} failed with {status}"))
+    };
+    Ok((result, failures))
+}
+
+fn print_failures(failures: &[Failure]) {
+    if failures.is_empty() {
+        return;
+    }
+    // From the panic message on (else the end), cut to a few lines: the
+    // whole output was printed above.
+    const KEEP: usize = 25;
+    eprintln!("\nxtask: {} test(s) failed:", failures.len());
+    for f in failures {
+        eprintln!("---- {}", f.name);
+        let start = f
+            .output
+            .iter()
+            .position(|l| l.contains("panicked at"))
+            .unwrap_or(f.output.len().saturating_sub(KEEP));
+        for line in f.output.iter().skip(start).take(KEEP) {
+            eprintln!("    {line}");
+        }
+    }
+    eprintln!(
+        "xtask: failed: {}",
+        failures
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }
 
 fn soak(args: &[String]) -> Result<()> {

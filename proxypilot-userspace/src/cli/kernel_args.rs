@@ -2,10 +2,12 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use anyhow::Result;
 use clap::Args;
 
-use crate::kernel::{cgroup, AllowRule, KernelPolicy};
+use crate::{
+    kernel::{AllowRule, UnixPath},
+    sidecar::KernelOptions,
+};
 
 /// Default listener port for redirected connections.
 pub const DEFAULT_LISTEN_PORT: u16 = 15443;
@@ -34,30 +36,24 @@ pub struct KernelArgs {
     /// All other UDP is denied, and UDP 443 (QUIC) always is.
     #[arg(long = "dns", value_name = "ADDR")]
     pub dns: Vec<std::net::IpAddr>,
+
+    /// Unix socket path the sandbox may connect or send to (repeatable).
+    /// Every other unix socket outside the sandbox, and every abstract
+    /// name, is refused (Linux 6.7+). Fly's /.fly/api is never allowed.
+    #[arg(long = "allow-unix", value_name = "PATH")]
+    pub allow_unix: Vec<UnixPath>,
 }
 
 impl KernelArgs {
-    /// The policy for these flags, exempting this process's own cgroup.
-    /// `listeners` are the addresses actually bound (ports resolved).
-    pub fn policy(
-        &self,
-        listeners: &[SocketAddr],
-        extra_allowed: &[AllowRule],
-    ) -> Result<KernelPolicy> {
-        let own_cgroup = cgroup::cgroup_of("self")?;
-        let mut policy = KernelPolicy {
+    /// The parsed flags, as the sidecar takes them.
+    pub fn options(&self) -> KernelOptions {
+        KernelOptions {
+            listen: self.listen.clone(),
             intercept_ports: self.intercept_ports.clone(),
-            listen_v4: None,
-            listen_v6: None,
-            allowed: self.allow_cidrs.clone(),
-            exempt_cgroup_id: cgroup::cgroup_id(&own_cgroup)?,
-        };
-        policy
-            .allowed
-            .extend(self.dns.iter().map(|ip| AllowRule::dns(*ip)));
-        policy.allowed.extend_from_slice(extra_allowed);
-        policy.set_listeners(listeners)?;
-        Ok(policy)
+            allow_cidrs: self.allow_cidrs.clone(),
+            dns: self.dns.clone(),
+            allow_unix: self.allow_unix.clone(),
+        }
     }
 }
 

@@ -5,11 +5,11 @@ use std::{ffi::OsString, net::SocketAddr, path::PathBuf, process::ExitCode};
 use anyhow::Result;
 use clap::Args;
 
-use super::kernel_args::KernelArgs;
 use crate::{
-    kernel::AllowRule,
+    kernel::{AllowRule, UnixPath},
     run::{self, secrets::SecretSpec, RunOptions},
     settings::RelayArgs,
+    sidecar::KernelOptions,
 };
 
 /// Run CMD with its HTTPS calls to the secrets' hosts carrying the real
@@ -29,6 +29,13 @@ pub struct RunArgs {
     #[arg(long = "secret", value_name = "SPEC")]
     pub secrets: Vec<SecretSpec>,
 
+    /// Allow only matching requests to HOST (a --secret's or --target's
+    /// host): METHOD or `*`, PATH a glob (`*` one segment, `**` any
+    /// number), e.g. 'api.github.com GET /repos/acme/**'. Repeatable; a
+    /// host without permits allows everything, others get 403.
+    #[arg(long = "permit", value_name = "HOST METHOD PATH")]
+    pub permits: Vec<String>,
+
     /// HTTPS host CMD may reach untouched (exact name, or *.suffix). Repeatable.
     #[arg(long = "allow", value_name = "HOST")]
     pub allow: Vec<String>,
@@ -40,6 +47,12 @@ pub struct RunArgs {
     /// DNS server CMD may query [default: the nameservers of /etc/resolv.conf].
     #[arg(long = "dns", value_name = "ADDR")]
     pub dns: Vec<std::net::IpAddr>,
+
+    /// Unix socket path CMD may connect or send to (repeatable); every
+    /// other unix socket outside the sandbox, and every abstract name, is
+    /// refused (Linux 6.7+).
+    #[arg(long = "allow-unix", value_name = "PATH")]
+    pub allow_unix: Vec<UnixPath>,
 
     /// TCP destination port whose connections are intercepted (repeatable).
     #[arg(long = "intercept-port", value_name = "PORT", default_values_t = [443u16])]
@@ -64,10 +77,20 @@ pub struct RunArgs {
     #[arg(long, value_name = "VAR", requires = "tokenizer")]
     pub tokenizer_auth_env: Option<String>,
 
-    /// Run CMD as this user (it then cannot read proxypilot's environment,
-    /// memory or key files).
+    /// Run CMD as this existing user instead of a uid of its own. Refused
+    /// for root, and while any other process runs as that user (a shared
+    /// uid can signal and trace it). Without --user, CMD is root of its own
+    /// user namespace, mapped to a uid nothing else on the host uses.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
+
+    /// Serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9464), outside the
+    /// sandbox's reach; off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
+    #[command(flatten)]
+    pub limits: crate::settings::LimitArgs,
 
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -86,7 +109,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     } else {
         args.dns.clone()
     };
-    let kernel = KernelArgs {
+    let kernel = KernelOptions {
         // Ephemeral ports, so several runs can share a host.
         listen: vec![
             SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -95,21 +118,27 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         intercept_ports: args.intercept_ports.clone(),
         allow_cidrs: args.allow_cidrs.clone(),
         dns,
+        allow_unix: args.allow_unix.clone(),
     };
     let remote = args.tokenizer.as_ref().map(|url| RelayArgs {
         targets: args.targets.clone(),
         tokenizer: Some(url.clone()),
         tokenizer_auth_env: args.tokenizer_auth_env.clone(),
         info_port: Some(crate::settings::DEFAULT_INFO_PORT),
+        limits: args.limits.clone(),
+        metrics_listen: args.metrics_listen,
         ..Default::default()
     });
     run::run(RunOptions {
         secrets: args.secrets,
         remote,
+        permits: args.permits,
         allow: args.allow,
         kernel,
         upstream_ca: args.upstream_ca,
         user: args.user,
+        limits: args.limits,
+        metrics_listen: args.metrics_listen,
         command: args.command,
     })
     .await

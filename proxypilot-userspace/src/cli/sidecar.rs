@@ -51,11 +51,19 @@ pub async fn run(args: SidecarArgs) -> Result<ExitCode> {
     }
     let sidecar = Sidecar::start(
         &args.cgroup.cgroup,
-        &args.kernel,
+        &args.kernel.options(),
         &settings,
         embedded,
         |denial| {
-            tracing::warn!(target: "denied", "{denial}");
+            if denial.is_address_probe() {
+                tracing::debug!(target: "denied", "{denial}");
+            } else if crate::logbudget::refusals().admit(
+                denial.why(),
+                denial.origin.pid,
+                &denial.origin.comm,
+            ) {
+                tracing::warn!(target: "denied", "{denial}");
+            }
         },
     )
     .await?;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::tokenizer::{
-    serve, Engine, FlySrcVerifier, ServerConfig, UpstreamClient, UpstreamClientConfig,
+    serve, Engine, FlySrcVerifier, TokenizerService, UpstreamClient, UpstreamClientConfig,
 };
 
 /// Run a tokenizer: an HTTP proxy that opens sealed secrets and injects
@@ -68,7 +68,7 @@ fn parse_resolve(s: &str) -> Result<(String, SocketAddr), String> {
 
 impl TokenizerArgs {
     /// The server configuration these flags describe.
-    pub fn server_config(&self) -> anyhow::Result<ServerConfig> {
+    pub fn service(&self) -> anyhow::Result<TokenizerService> {
         let mut engine = Engine::from_file(&self.open_key_file)?;
         if let Some(k) = &self.fly_src_pubkey {
             engine = engine.with_fly_src_verifier(FlySrcVerifier::from_hex_or_file(k)?);
@@ -79,7 +79,7 @@ impl TokenizerArgs {
             http2: !self.no_http2,
             ..Default::default()
         })?;
-        Ok(ServerConfig {
+        Ok(TokenizerService {
             engine: Arc::new(engine),
             client,
             open_proxy: self.open_proxy,
@@ -88,7 +88,7 @@ impl TokenizerArgs {
 }
 
 pub async fn run(args: TokenizerArgs) -> anyhow::Result<ExitCode> {
-    let config = args.server_config()?;
+    let config = args.service()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;

@@ -3,34 +3,98 @@
 //! request body (`--max-request-body`).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use super::errors::RelayError;
+use super::metrics::Metrics;
 use super::{BoxError, RelayBody};
 use crate::audit::RequestAudit;
+
+/// One connection's requests in flight and when the last one ended: the
+/// connection's idle clock. Only requests move it, never HTTP/2 PINGs,
+/// SETTINGS or other frames (the relay's own keep-alive PINGs, and a
+/// client's, used to keep an idle connection open for good).
+#[derive(Debug)]
+pub struct InFlight {
+    count: AtomicUsize,
+    begun: AtomicU64,
+    started: Instant,
+    /// Milliseconds after `started` that the last request ended.
+    last_end_ms: AtomicU64,
+}
+
+impl InFlight {
+    pub fn new() -> Arc<InFlight> {
+        Arc::new(InFlight {
+            count: AtomicUsize::new(0),
+            begun: AtomicU64::new(0),
+            started: Instant::now(),
+            last_end_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn begin(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        self.begun.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn end(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_end_ms.fetch_max(now, Ordering::SeqCst);
+        self.count.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// How long no request has been in flight (since the connection began
+    /// if none ever was); `None` while one is.
+    pub fn idle_for(&self) -> Option<Duration> {
+        if self.count.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_end_ms.load(Ordering::SeqCst));
+        Some(self.started.elapsed().saturating_sub(last))
+    }
+
+    /// True until the first request's headers have arrived.
+    pub fn none_yet(&self) -> bool {
+        self.begun.load(Ordering::SeqCst) == 0
+    }
+
+    /// Since the connection began serving HTTP (after its TLS handshake).
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
 
 /// Lives as long as any part of a request does.
 #[derive(Debug)]
 pub struct RequestScope {
     pub audit: RequestAudit,
-    active: Arc<AtomicUsize>,
+    active: Arc<InFlight>,
+    /// Counts the request when it is done.
+    metrics: Arc<Metrics>,
 }
 
 impl RequestScope {
-    pub fn new(audit: RequestAudit, active: Arc<AtomicUsize>) -> Self {
-        active.fetch_add(1, Ordering::SeqCst);
-        RequestScope { audit, active }
+    pub fn new(audit: RequestAudit, active: Arc<InFlight>, metrics: Arc<Metrics>) -> Self {
+        active.begin();
+        RequestScope {
+            audit,
+            active,
+            metrics,
+        }
     }
 }
 
 impl Drop for RequestScope {
     fn drop(&mut self) {
-        self.active.fetch_sub(1, Ordering::SeqCst);
+        self.active.end();
+        self.metrics.request_done(&self.audit);
     }
 }
 
@@ -135,7 +199,7 @@ impl Body for Capped {
                 if self.seen > self.limit {
                     self.tripped.store(true, Ordering::SeqCst);
                     let info = self.scope.audit.info();
-                    tracing::warn!(sni = %info.conn.sni, secret = %info.conn.secret, path = %info.path, max_request_body = self.limit,
+                    tracing::warn!(sni = %info.conn.sni, secret = %info.conn.secret_name, path = %info.path, max_request_body = self.limit,
                         "request body went over the cap while streaming; aborting the upstream request");
                     return Poll::Ready(Some(Err(self.over())));
                 }

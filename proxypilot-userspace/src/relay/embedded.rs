@@ -3,11 +3,12 @@
 //! (an absolute-form request with `Proxy-Tokenizer`) and answers with the
 //! upstream's response.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use http::{Request, Response};
 
-use super::{errors::ForwardError, forward::BoxFuture, Forward, RelayBody};
+use super::{errors::ForwardError, forward::BoxFuture, Forward, Limits, RelayBody};
 use crate::{
     settings::{RelaySettings, TokenizerMode},
     tokenizer::{server, Engine, UpstreamClient, UpstreamClientConfig},
@@ -15,17 +16,27 @@ use crate::{
 
 /// The engine plus its pooled HTTPS client to the upstream APIs.
 pub struct EmbeddedTokenizer {
-    config: server::ServerConfig,
+    config: server::TokenizerService,
 }
 
 impl EmbeddedTokenizer {
-    /// `upstream` trusts the system roots plus `upstream_ca` files, never
-    /// the sandbox's trust store.
-    pub fn new(engine: Engine, upstream: &UpstreamClientConfig) -> anyhow::Result<Arc<Self>> {
+    /// Its upstream client trusts the system roots plus the `upstream_ca`
+    /// files, never the sandbox's trust store, and dials within the
+    /// relay's `connect_timeout`.
+    pub fn new(
+        engine: Engine,
+        upstream_ca: &[PathBuf],
+        limits: &Limits,
+    ) -> anyhow::Result<Arc<Self>> {
+        let upstream = UpstreamClientConfig {
+            extra_ca_files: upstream_ca.to_vec(),
+            connect_timeout: limits.connect_timeout,
+            ..Default::default()
+        };
         Ok(Arc::new(EmbeddedTokenizer {
-            config: server::ServerConfig {
+            config: server::TokenizerService {
                 engine: Arc::new(engine),
-                client: UpstreamClient::new(upstream)?,
+                client: UpstreamClient::new(&upstream)?,
                 open_proxy: false,
             },
         }))
@@ -64,9 +75,9 @@ pub fn from_settings(settings: &RelaySettings) -> anyhow::Result<Option<Arc<dyn 
         return Ok(None);
     };
     let engine = Engine::from_file(open_key_file)?;
-    let upstream = UpstreamClientConfig {
-        extra_ca_files: upstream_ca.clone(),
-        ..Default::default()
-    };
-    Ok(Some(EmbeddedTokenizer::new(engine, &upstream)?))
+    Ok(Some(EmbeddedTokenizer::new(
+        engine,
+        upstream_ca,
+        &settings.limits,
+    )?))
 }

@@ -7,21 +7,32 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
-use super::RelayBody;
+use super::{BoxError, RelayBody};
+use crate::tokenizer::client::error_chain;
 
 /// Failures talking to the tokenizer (remote) or the embedded engine.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("the tokenizer at {url} is unreachable: {detail}")]
-    Unreachable { url: String, detail: String },
-    #[error("the tokenizer at {url} did not {stage} within {after:?}")]
-    Timeout {
+    #[error("the tokenizer at {url} is unreachable")]
+    Unreachable {
         url: String,
+        #[source]
+        source: BoxError,
+    },
+    /// `via` names what was slow: the remote tokenizer at its URL, or the
+    /// upstream API behind the embedded one.
+    #[error("{via} did not {stage} within {after:?}")]
+    Timeout {
+        via: String,
         stage: &'static str,
         after: Duration,
     },
-    #[error("the request to the tokenizer at {url} failed: {detail}")]
-    Failed { url: String, detail: String },
+    #[error("the request to the tokenizer at {url} failed")]
+    Failed {
+        url: String,
+        #[source]
+        source: BoxError,
+    },
     /// The embedded engine refused or failed the request. `status` is what
     /// the remote tokenizer would have answered (400, 407, 502, ...).
     #[error("the embedded tokenizer answered {status}: {message}")]
@@ -37,6 +48,13 @@ pub enum RelayError {
     MissingHost,
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// One header line over [`super::http::MAX_HEADER_FIELD`] bytes.
+    #[error("the request header {name} is {size} bytes; at most {limit} are relayed")]
+    HeaderFieldTooLarge {
+        name: String,
+        size: usize,
+        limit: usize,
+    },
     /// `--max-request-body`: declared up front, or found while streaming.
     #[error("the request body is larger than the relay's limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
@@ -47,64 +65,96 @@ pub enum RelayError {
         per_second: u32,
         retry_after: Duration,
     },
+    /// A remote tokenizer answered a WebSocket upgrade with a plain
+    /// success: it dropped the upgrade, so the client would fail on it.
+    #[error("the tokenizer at {url} answered the WebSocket upgrade request with {status}, not 101 Switching Protocols")]
+    UpgradeNotRelayed { url: String, status: u16 },
+    /// `--permit`: the host's rule set does not allow this request.
+    #[error("{}", .0.why)]
+    NotPermitted(super::rules::Refusal),
     #[error(transparent)]
     Forward(#[from] ForwardError),
 }
 
-impl RelayError {
-    /// Status, what failed, and what to check. The single mapping.
-    pub fn classify(&self) -> (StatusCode, String, String) {
-        let msg = self.to_string();
-        match self {
+/// What the client is told about an error: its status, what failed, and
+/// what to check. Built in one place, [`ErrorResponse::from`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorResponse {
+    pub status: StatusCode,
+    /// The error and its sources on one line ("a: b: c").
+    pub error: String,
+    pub hint: String,
+}
+
+impl From<&RelayError> for ErrorResponse {
+    /// The single mapping from a relay error to what the client sees.
+    fn from(err: &RelayError) -> Self {
+        let (status, hint): (StatusCode, String) = match err {
             RelayError::Misdirected { sni, .. } => (
                 StatusCode::MISDIRECTED_REQUEST,
-                msg,
                 format!("send requests on this connection for {sni} only; open a new connection for another host"),
             ),
             RelayError::MissingHost => (
                 StatusCode::BAD_REQUEST,
-                msg,
                 "send a Host header (HTTP/1.1) or :authority (HTTP/2)".into(),
             ),
-            RelayError::BadRequest(_) => (StatusCode::BAD_REQUEST, msg, "check the request line and headers".into()),
+            RelayError::BadRequest(_) => (StatusCode::BAD_REQUEST, "check the request line and headers".into()),
+            RelayError::HeaderFieldTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "API front ends (nginx, Cloudflare) refuse a header this large and may close the HTTP/2 connection every request to the API shares; send the data in the body".into(),
+            ),
             RelayError::BodyTooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
-                msg,
                 "send a smaller body, or raise the cap with --max-request-body (config key max-request-body)".into(),
             ),
             RelayError::RateLimited { host, retry_after, .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
-                msg,
                 format!("retry in {} s (Retry-After), or raise the limit with --rate-limit {host}=N (config key rate-limit)", retry_after_secs(*retry_after)),
+            ),
+            RelayError::UpgradeNotRelayed { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "a plain answer instead of 101 means this tokenizer does not relay WebSocket upgrades (or the API has no WebSocket at this path); use proxypilot's own (`proxypilot tokenizer`) or --tokenizer embedded".into(),
+            ),
+            RelayError::NotPermitted(r) => (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "the rule set of {} (--permit, config key permit) allows only: {}; ask the operator for a --permit that covers this request",
+                    r.host,
+                    r.permits.join(", ")
+                ),
             ),
             RelayError::Forward(ForwardError::Unreachable { .. }) => (
                 StatusCode::BAD_GATEWAY,
-                msg,
                 "check that the tokenizer is running and that --tokenizer (or PROXY) points at it".into(),
             ),
             RelayError::Forward(ForwardError::Timeout { .. }) => (
                 StatusCode::GATEWAY_TIMEOUT,
-                msg,
                 "the tokenizer or the upstream API is slow or stuck; check the tokenizer's logs and its route to the API".into(),
             ),
             RelayError::Forward(ForwardError::Failed { .. }) => (
                 StatusCode::BAD_GATEWAY,
-                msg,
                 "the connection to the tokenizer broke mid-request; check the tokenizer's logs".into(),
             ),
             RelayError::Forward(ForwardError::Engine { status, .. }) => (
                 *status,
-                msg,
                 "check the sealed secret for this host (--target) and the embedded tokenizer's open key".into(),
             ),
+        };
+        ErrorResponse {
+            status,
+            error: error_chain(err),
+            hint,
         }
     }
 }
 
 /// Renders an error as the client sees it.
 pub fn error_response(err: &RelayError) -> Response<RelayBody> {
-    let (status, error, hint) = err.classify();
-    let mut resp = json_response(status, &serde_json::json!({ "error": error, "hint": hint }));
+    let e = ErrorResponse::from(err);
+    let mut resp = json_response(
+        e.status,
+        &serde_json::json!({ "error": e.error, "hint": e.hint }),
+    );
     if let RelayError::RateLimited { retry_after, .. } = err {
         resp.headers_mut()
             .insert(header::RETRY_AFTER, retry_after_secs(*retry_after).into());
@@ -151,17 +201,40 @@ mod tests {
                 421,
             ),
             (RelayError::MissingHost, 400),
+            (
+                RelayError::HeaderFieldTooLarge {
+                    name: "x-big".into(),
+                    size: 12_000,
+                    limit: 8192,
+                },
+                431,
+            ),
             (RelayError::BodyTooLarge { limit: 10 }, 413),
+            (
+                RelayError::UpgradeNotRelayed {
+                    url: url.clone(),
+                    status: 200,
+                },
+                502,
+            ),
+            (
+                RelayError::NotPermitted(crate::relay::rules::Refusal {
+                    host: "api.x.com".into(),
+                    why: "DELETE /x is not permitted on api.x.com".into(),
+                    permits: vec!["GET /**".into()],
+                }),
+                403,
+            ),
             (
                 RelayError::Forward(ForwardError::Unreachable {
                     url: url.clone(),
-                    detail: "refused".into(),
+                    source: "refused".into(),
                 }),
                 502,
             ),
             (
                 RelayError::Forward(ForwardError::Timeout {
-                    url,
+                    via: format!("the tokenizer at {url}"),
                     stage: "answer",
                     after: Duration::from_secs(1),
                 }),
@@ -171,6 +244,21 @@ mod tests {
         for (e, code) in cases {
             assert_eq!(error_response(&e).status().as_u16(), code, "{e}");
         }
+    }
+
+    #[test]
+    fn the_error_names_its_sources_once() {
+        let e = RelayError::Forward(ForwardError::Unreachable {
+            url: "http://tok:8080".into(),
+            source: "connection refused".into(),
+        });
+        let r = ErrorResponse::from(&e);
+        assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            r.error,
+            "the tokenizer at http://tok:8080 is unreachable: connection refused"
+        );
+        assert!(r.hint.contains("--tokenizer"), "{}", r.hint);
     }
 
     #[test]

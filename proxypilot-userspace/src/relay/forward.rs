@@ -25,17 +25,11 @@ use super::RelayBody;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// The seam for the embedded tokenizer engine.
-///
-/// TODO(lead): wrap the tokenizer engine (`tokenizer::Engine`) in a type
-/// implementing this: parse/remove `Proxy-Tokenizer` and
-/// `Proxy-Authorization` from `req`, apply the secret to the request parts
-/// (`Engine::apply(&mut parts)`), send it over HTTPS with the engine's
-/// upstream client (system roots + `--upstream-ca`, never the sandbox's
-/// trust), and return the response with its body streamed. Map engine
-/// errors to `ForwardError::Engine { status, message }` with the status the
-/// remote tokenizer would use (400 bad request, 407 not authorized, 502
-/// upstream failure) and unreachable/timeouts to the other variants.
+/// The seam for the embedded tokenizer engine (`embedded::EmbeddedTokenizer`
+/// implements it): it takes the tokenizer-shaped request, applies the
+/// sealed secret, sends it upstream and streams the response back. Engine
+/// refusals are `ForwardError::Engine` with the status the remote
+/// tokenizer would answer (400, 407, 502).
 pub trait Forward: Send + Sync + 'static {
     fn forward(
         &self,
@@ -51,21 +45,35 @@ pub enum Forwarder {
 }
 
 impl Forwarder {
+    /// Forwards `req`, waiting at most `response_timeout` for the response
+    /// head, in both shapes: a stuck upstream costs the client a 504, not a
+    /// request that hangs until the client gives up.
     pub async fn forward(
         &self,
         req: Request<RelayBody>,
+        response_timeout: Duration,
     ) -> Result<Response<RelayBody>, ForwardError> {
-        match self {
-            Forwarder::Remote(r) => r.forward(req).await,
-            Forwarder::Embedded(e) => e.forward(req).await,
+        let sent = async {
+            match self {
+                Forwarder::Remote(r) => r.forward(req).await,
+                Forwarder::Embedded(e) => e.forward(req).await,
+            }
+        };
+        match tokio::time::timeout(response_timeout, sent).await {
+            Ok(answer) => answer,
+            Err(_) => Err(ForwardError::Timeout {
+                via: self.describe(),
+                stage: "send response headers",
+                after: response_timeout,
+            }),
         }
     }
 
-    /// For logs and `/policy`.
-    pub fn describe(&self) -> String {
+    /// What answers requests, for errors.
+    fn describe(&self) -> String {
         match self {
-            Forwarder::Remote(r) => format!("remote tokenizer {}", r.url),
-            Forwarder::Embedded(_) => "embedded tokenizer".into(),
+            Forwarder::Remote(r) => format!("the tokenizer at {}", r.url),
+            Forwarder::Embedded(_) => "the upstream API (through the embedded tokenizer)".into(),
         }
     }
 }
@@ -77,26 +85,18 @@ pub struct RemoteTokenizer {
     url: String,
     client: Client<TokenizerConnector, RelayBody>,
     connect_timeout: Duration,
-    response_timeout: Duration,
 }
 
 impl RemoteTokenizer {
     /// `url` is `http://host:port` (default port 80). `connect_timeout`
-    /// bounds dialing; `response_timeout` bounds waiting for the response
-    /// head (generous: non-streaming LLM calls answer only when done).
-    pub fn new(
-        url: &Uri,
-        connect_timeout: Duration,
-        response_timeout: Duration,
-    ) -> Result<Self, String> {
+    /// bounds dialing.
+    pub fn new(url: &Uri, connect_timeout: Duration) -> Result<Self, TokenizerUrlError> {
         if url.scheme_str() != Some("http") {
-            return Err(format!(
-                "tokenizer URL {url} must start with http:// (the tokenizer is a plain HTTP proxy)"
-            ));
+            return Err(TokenizerUrlError::NotHttp(url.to_string()));
         }
         let host = url
             .host()
-            .ok_or_else(|| format!("tokenizer URL {url} has no host"))?;
+            .ok_or_else(|| TokenizerUrlError::NoHost(url.to_string()))?;
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
@@ -115,7 +115,6 @@ impl RemoteTokenizer {
             url: format!("http://{}:{port}", url.host().unwrap_or_default()),
             client,
             connect_timeout,
-            response_timeout,
         })
     }
 
@@ -127,40 +126,46 @@ impl RemoteTokenizer {
         &self,
         req: Request<RelayBody>,
     ) -> Result<Response<RelayBody>, ForwardError> {
-        let url = self.url.clone();
-        let resp = match tokio::time::timeout(self.response_timeout, self.client.request(req)).await
-        {
-            Err(_) => {
-                return Err(ForwardError::Timeout {
-                    url,
-                    stage: "send response headers",
-                    after: self.response_timeout,
-                })
-            }
-            Ok(Err(e)) => return Err(classify_client_error(url, &e, self.connect_timeout)),
-            Ok(Ok(resp)) => resp,
-        };
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| classify_client_error(self.url.clone(), e, self.connect_timeout))?;
         Ok(resp.map(|b| b.map_err(|e| Box::new(e) as super::BoxError).boxed_unsync()))
     }
 }
 
 fn classify_client_error(
     url: String,
-    e: &hyper_util::client::legacy::Error,
+    e: hyper_util::client::legacy::Error,
     connect_timeout: Duration,
 ) -> ForwardError {
-    let detail = error_chain(e);
     if e.is_connect() {
-        if io_kind(e) == Some(io::ErrorKind::TimedOut) {
+        if io_kind(&e) == Some(io::ErrorKind::TimedOut) {
             return ForwardError::Timeout {
-                url,
+                via: format!("the tokenizer at {url}"),
                 stage: "accept the connection",
                 after: connect_timeout,
             };
         }
-        return ForwardError::Unreachable { url, detail };
+        return ForwardError::Unreachable {
+            url,
+            source: Box::new(e),
+        };
     }
-    ForwardError::Failed { url, detail }
+    ForwardError::Failed {
+        url,
+        source: Box::new(e),
+    }
+}
+
+/// A `--tokenizer` URL the relay cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerUrlError {
+    #[error("tokenizer URL {0} must start with http:// (the tokenizer is a plain HTTP proxy)")]
+    NotHttp(String),
+    #[error("tokenizer URL {0} has no host")]
+    NoHost(String),
 }
 
 fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<io::ErrorKind> {
@@ -172,21 +177,6 @@ fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<io::ErrorKind> {
         cur = err.source();
     }
     None
-}
-
-/// "a: b: c" from an error and its sources, for the JSON body and logs.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        let s = err.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = err.source();
-    }
-    out
 }
 
 /// Dials the tokenizer whatever the request's host is, and tells hyper the

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::policy::Dial;
+use crate::policy::{Dial, Policy};
 use crate::tls::hello::ClientHello;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +19,8 @@ pub enum PassError {
     },
     #[error("{host} resolved to no address")]
     NoAddress { host: String },
+    #[error("{0}")]
+    Internal(String),
     #[error("connecting to {target} ({addrs:?}) failed: {detail}")]
     Connect {
         target: String,
@@ -30,12 +32,15 @@ pub enum PassError {
 }
 
 /// Dials `dial` (resolving names ourselves: the client's chosen IP is never
-/// used for a named host), replays the ClientHello and copies both ways.
+/// used for a named host, and internal addresses it resolves to are not
+/// dialled unless `--allow-cidr` allows them: see
+/// [`Policy::check_resolved`]), replays the ClientHello and copies both ways.
 /// Returns (bytes client→server including the ClientHello, server→client).
 pub async fn pass_through(
     mut client: TcpStream,
     hello: &ClientHello,
     dial: &Dial,
+    policy: &Policy,
     connect_timeout: Duration,
 ) -> Result<(u64, u64), PassError> {
     let (target, addrs) = match dial {
@@ -56,6 +61,20 @@ pub async fn pass_through(
             .collect();
             if addrs.is_empty() {
                 return Err(PassError::NoAddress { host: host.clone() });
+            }
+            let mut refused = None;
+            let addrs: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| match policy.check_resolved(host, *a) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        refused.get_or_insert(why);
+                        false
+                    }
+                })
+                .collect();
+            if let (true, Some(why)) = (addrs.is_empty(), refused) {
+                return Err(PassError::Internal(why));
             }
             (format!("{host}:{port}"), addrs)
         }

@@ -1,10 +1,14 @@
 //! `proxypilot run`: sandbox one command. A fresh cgroup, the kernel
 //! programs attached to it, the relay with the embedded tokenizer under an
 //! ephemeral key pair (secrets sealed in memory, so the production code
-//! path runs), and the command started inside with dummy keys.
+//! path runs), and the command started inside with dummy keys, as an
+//! identity with no privilege on the host, in its own session and pty.
 
 pub mod child;
+pub mod env;
+pub mod identity;
 pub mod secrets;
+pub mod terminal;
 pub mod trust;
 
 use std::{
@@ -20,16 +24,19 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use proxypilot_common::{DenyReason, Hook};
 
-use self::{child::RunAs, secrets::SecretSpec};
+use self::{
+    identity::{Identity, RunAs},
+    secrets::SecretSpec,
+};
 use crate::{
-    cli::kernel_args::KernelArgs,
     kernel::{cgroup, cgroup::OwnedCgroup, denials::Denial},
     policy::HostPattern,
     relay::{embedded::EmbeddedTokenizer, Forward, Limits},
-    settings::{RelayArgs, RelaySettings, SecretString, Target, TokenizerMode},
-    sidecar::Sidecar,
-    tokenizer::{seal, Engine, OpenKey, UpstreamClientConfig},
+    settings::{LimitArgs, RelayArgs, RelaySettings, SecretString, Target, TokenizerMode},
+    sidecar::{KernelOptions, Sidecar},
+    tokenizer::{seal, Engine, OpenKey},
 };
 
 /// The value secret variables hold inside the sandbox.
@@ -40,10 +47,16 @@ pub struct RunOptions {
     pub secrets: Vec<SecretSpec>,
     /// `--tokenizer URL` with `--target HOST=ENVVAR` (pre-sealed secrets).
     pub remote: Option<RelayArgs>,
+    /// `--permit HOST METHOD PATH`, for the hosts of the secrets or targets.
+    pub permits: Vec<String>,
     pub allow: Vec<String>,
-    pub kernel: KernelArgs,
+    pub kernel: KernelOptions,
     pub upstream_ca: Vec<PathBuf>,
     pub user: Option<String>,
+    /// Caps and timeouts, as for the sidecar.
+    pub limits: LimitArgs,
+    /// `--metrics-listen`, as for the sidecar.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub command: Vec<OsString>,
 }
 
@@ -54,17 +67,31 @@ pub async fn run(opts: RunOptions) -> Result<ExitCode> {
         anyhow::anyhow!("no command given: proxypilot run [OPTIONS] -- CMD [ARGS...]")
     })?;
     let tokens = read_secret_values(&opts.secrets)?;
-    let run_as = opts.user.as_deref().map(RunAs::lookup).transpose()?;
+    // (With a remote tokenizer, `RelayArgs::resolve` checks them.)
+    let limits = opts
+        .limits
+        .resolve_for_run(&|host| opts.secrets.iter().any(|s| s.host == host))?;
+    let identity = match opts.user.as_deref() {
+        Some(name) => Identity::User(RunAs::lookup(name)?),
+        None => identity::pick_fresh()?,
+    };
 
-    let dirs = RunDirs::create()?;
+    // Owns the directories from here on, so a refused setting removes them.
+    let mut cleanup = Cleanup {
+        sidecar: None,
+        cgroup: None,
+        dirs: Some(RunDirs::create(&identity)?),
+    };
+    let private = cleanup.dirs.as_ref().unwrap().private.clone();
     let (mut settings, embedded) = match &opts.remote {
         Some(remote) => {
             let mut args = remote.clone();
-            args.state_dir = Some(dirs.private.clone());
+            args.state_dir = Some(private);
             (args.resolve()?, None)
         }
-        None => embedded_settings(&opts, &tokens, &dirs.private)?,
+        None => embedded_settings(&opts, &tokens, limits, &private)?,
     };
+    settings.add_permits(&opts.permits)?;
     for a in &opts.allow {
         let p = HostPattern::parse(a).map_err(|e| anyhow::anyhow!("--allow {a:?}: {e}"))?;
         if !settings.allow.contains(&p) {
@@ -74,11 +101,7 @@ pub async fn run(opts: RunOptions) -> Result<ExitCode> {
 
     let parent = cgroup::cgroup_of("self")?;
     let sandbox = OwnedCgroup::create(&parent, &format!("proxypilot-run-{}", std::process::id()))?;
-    let mut cleanup = Cleanup {
-        sidecar: None,
-        cgroup: Some(sandbox),
-        dirs: Some(dirs),
-    };
+    cleanup.cgroup = Some(sandbox);
     let cgroup_path = cleanup.cgroup.as_ref().unwrap().path().to_path_buf();
 
     let hinted = Arc::new(AtomicBool::new(false));
@@ -91,25 +114,103 @@ pub async fn run(opts: RunOptions) -> Result<ExitCode> {
             Some(hint) if !hinted.swap(true, Ordering::Relaxed) => {
                 eprintln!("proxypilot: blocked {denial}. {hint}")
             }
-            _ => tracing::info!(target: "denied", "{denial}"),
+            _ if denial.is_address_probe() => tracing::debug!(target: "denied", "{denial}"),
+            _ => {
+                let budget = crate::logbudget::refusals();
+                if budget.admit(denial.why(), denial.origin.pid, &denial.origin.comm) {
+                    tracing::info!(target: "denied", "{denial}")
+                }
+            }
         },
     )
     .await?;
     let bundle = trust::write_bundle(&cleanup.dirs.as_ref().unwrap().public, sidecar.ca.ca_pem())?;
     cleanup.sidecar = Some(sidecar);
 
-    let env = child_env(&opts.secrets, &bundle, run_as.as_ref());
-    let mut child = child::spawn(child::Spawn {
+    check_reachable(&identity, &bundle)?;
+
+    let withheld = withheld(&opts, &tokens, &settings);
+    let env = env::for_command(
+        std::env::vars_os(),
+        &withheld,
+        &bundle,
+        &identity,
+        &cleanup.dirs.as_ref().unwrap().home,
+    );
+    let pty = terminal::Pty::open_if_terminal(identity.host_uid())?;
+    let waiter = child::Waiter::new()?;
+    let pid = child::spawn(child::Spawn {
         program,
         args,
         env,
         cgroup: &cgroup_path,
-        run_as: run_as.as_ref(),
+        identity: &identity,
+        pty: pty.as_ref(),
     })?;
-    let status = child::wait_forwarding_signals(&mut child).await;
-    child::reclaim_terminal();
+    tracing::debug!(%pid, uid = identity.host_uid(), "command started");
+    let mut relay = pty.map(terminal::Pty::start_relay).transpose()?;
+    let code = waiter.wait(pid, relay.as_mut()).await;
+    // The caller's terminal is restored before anything else is said.
+    drop(relay);
     drop(cleanup);
-    Ok(ExitCode::from(child::exit_code(status?)))
+    Ok(ExitCode::from(code?))
+}
+
+/// The credentials the command's environment must not hold: the real
+/// values of the `--secret`s (their variables become dummies), and in
+/// remote-tokenizer mode the sealed secrets and the tokenizer's token.
+fn withheld(opts: &RunOptions, tokens: &[SecretString], settings: &RelaySettings) -> env::Withheld {
+    let mut w = env::Withheld {
+        dummies: opts.secrets.iter().map(|s| s.var.clone()).collect(),
+        ..Default::default()
+    };
+    w.values
+        .extend(tokens.iter().map(|t| t.expose().to_string()));
+    if opts.remote.is_some() {
+        for t in &settings.targets {
+            w.names.push(t.secret_name.clone());
+            w.values.push(t.sealed.expose().to_string());
+        }
+    }
+    if let Some(var) = opts
+        .remote
+        .as_ref()
+        .and_then(|r| r.tokenizer_auth_env.clone())
+    {
+        w.names.push(var);
+    }
+    if let Some(auth) = &settings.proxy_authorization {
+        let token = auth.expose();
+        w.values
+            .push(token.strip_prefix("Bearer ").unwrap_or(token).to_string());
+    }
+    w
+}
+
+/// The command must be able to read the CA bundle; say so now rather than
+/// leave it with TLS errors. A working directory it cannot enter is only
+/// worth a warning: plenty of commands never look at it.
+fn check_reachable(identity: &Identity, bundle: &Path) -> Result<()> {
+    let (uid, gids) = (identity.host_uid(), identity.host_gids());
+    if let Some(blocker) = identity::first_denial(bundle, 4, uid, &gids) {
+        bail!(
+            "the command's uid {uid} cannot read the CA bundle {}: {} is closed to it. \
+             Point TMPDIR at a directory others may enter (e.g. TMPDIR=/tmp)",
+            bundle.display(),
+            blocker.display()
+        );
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        if let Some(blocker) = identity::first_denial(&cwd, 1, uid, &gids) {
+            tracing::warn!(
+                "the command runs as uid {uid}, which cannot enter the working directory {} \
+                 ({} is closed to it); it can use only what others may read",
+                cwd.display(),
+                blocker.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The one-line advice printed the first time something is denied, or
@@ -118,7 +219,36 @@ pub async fn run(opts: RunOptions) -> Result<ExitCode> {
 /// each candidate address to sort them, sending nothing).
 fn hint_for(denial: &Denial) -> Option<String> {
     let port = denial.origin.addr.port();
-    match (denial.protocol.as_str(), denial.hook.starts_with("connect")) {
+    match denial.hook {
+        // Never allowed in a sandbox, whatever the flags: say so rather
+        // than suggest a flag that would not help.
+        Hook::SockCreate | Hook::Setsockopt | Hook::Frame => {
+            return Some(
+                "the sandbox may only use TCP and UDP sockets, unchanged by options that \
+                 reroute packets (SECURITY.md, \"Only allowed egress\")"
+                    .to_string(),
+            )
+        }
+        Hook::Ingress => {
+            return Some(format!(
+                "connections into the sandbox come only from allowed peers; allow this one \
+                 with --allow-cidr {}",
+                denial.origin.addr
+            ))
+        }
+        Hook::Egress if !matches!(denial.protocol.as_str(), "tcp" | "udp") => {
+            return Some("only TCP and UDP packets leave the sandbox".to_string())
+        }
+        Hook::Egress if denial.reason != DenyReason::NotAllowed => {
+            return Some(
+                "IP options, IPv6 extension headers and fragments never leave the sandbox"
+                    .to_string(),
+            )
+        }
+        Hook::Egress | Hook::Connect4 | Hook::Connect6 | Hook::Sendmsg4 | Hook::Sendmsg6 => {}
+    }
+    let is_connect = matches!(denial.hook, Hook::Connect4 | Hook::Connect6);
+    match (denial.protocol.as_str(), is_connect) {
         ("tcp", _) => Some(format!(
             "Allow it with --allow-cidr {}, or --allow HOST for an HTTPS host",
             denial.origin.addr
@@ -166,6 +296,7 @@ fn read_secret_values(specs: &[SecretSpec]) -> Result<Vec<SecretString>> {
 fn embedded_settings(
     opts: &RunOptions,
     tokens: &[SecretString],
+    limits: Limits,
     state_dir: &Path,
 ) -> Result<(RelaySettings, Option<Arc<dyn Forward>>)> {
     let open_key = OpenKey::generate();
@@ -180,13 +311,11 @@ fn embedded_settings(
             secret_name: spec.var.clone(),
             sealed: SecretString::new(seal(&seal_key, &spec.to_secret(token.expose()))),
             slots: spec.slots.clone(),
+            permits: Vec::new(),
         });
     }
-    let upstream = UpstreamClientConfig {
-        extra_ca_files: opts.upstream_ca.clone(),
-        ..Default::default()
-    };
-    let embedded: Arc<dyn Forward> = EmbeddedTokenizer::new(Engine::new(open_key), &upstream)?;
+    let embedded: Arc<dyn Forward> =
+        EmbeddedTokenizer::new(Engine::new(open_key), &opts.upstream_ca, &limits)?;
     let settings = RelaySettings {
         targets,
         allow: Vec::new(),
@@ -198,49 +327,23 @@ fn embedded_settings(
         state_dir: state_dir.to_path_buf(),
         ca_out: None,
         info_port: 0,
-        kernel_config: None,
-        limits: Limits::default(),
+        metrics_listen: opts.metrics_listen,
+        limits,
     };
     Ok((settings, Some(embedded)))
 }
 
-/// The command's environment: proxypilot's own, with every secret variable
-/// replaced by a dummy and CA trust pointed at the bundle.
-fn child_env(
-    secrets: &[SecretSpec],
-    bundle: &Path,
-    run_as: Option<&RunAs>,
-) -> Vec<(OsString, OsString)> {
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(k, _)| {
-            let k = k.to_string_lossy();
-            !trust::CA_VARS.contains(&k.as_ref()) && !secrets.iter().any(|s| s.var == k)
-        })
-        .collect();
-    env.extend(
-        secrets
-            .iter()
-            .map(|s| (OsString::from(&s.var), OsString::from(DUMMY))),
-    );
-    env.extend(trust::env_for(bundle));
-    if let Some(r) = run_as {
-        env.retain(|(k, _)| !matches!(k.to_str(), Some("HOME" | "USER" | "LOGNAME")));
-        env.push(("HOME".into(), r.home.clone().into_os_string()));
-        env.push(("USER".into(), r.name.clone().into()));
-        env.push(("LOGNAME".into(), r.name.clone().into()));
-    }
-    env
-}
-
-/// A private directory (0700: the CA key) and a public one (0755: the CA
-/// bundle the command reads), both removed at exit.
+/// A private directory (0700: the CA key), a public one (0755: the CA
+/// bundle the command reads) and, for a fresh identity, the command's HOME
+/// (0700, its own), all removed at exit.
 struct RunDirs {
     private: PathBuf,
     public: PathBuf,
+    home: PathBuf,
 }
 
 impl RunDirs {
-    fn create() -> Result<RunDirs> {
+    fn create(identity: &Identity) -> Result<RunDirs> {
         let base = std::env::temp_dir().join(format!("proxypilot-run-{}", std::process::id()));
         let _ = fs::remove_dir_all(&base);
         fs::DirBuilder::new()
@@ -252,9 +355,16 @@ impl RunDirs {
         let private = base.join("private");
         fs::DirBuilder::new().mode(0o700).create(&private)?;
         fs::set_permissions(&private, fs::Permissions::from_mode(0o700))?;
+        let home = base.join("home");
+        if let Identity::Fresh { uid, gid } = identity {
+            fs::DirBuilder::new().mode(0o700).create(&home)?;
+            std::os::unix::fs::chown(&home, Some(*uid), Some(*gid))
+                .with_context(|| format!("giving {} to the command's uid", home.display()))?;
+        }
         Ok(RunDirs {
             private,
             public: base,
+            home,
         })
     }
 }
@@ -298,7 +408,7 @@ mod tests {
     use super::*;
     use crate::kernel::OriginalDestination;
 
-    fn denial(protocol: &str, hook: &'static str, addr: &str) -> Denial {
+    fn denial(protocol: &str, hook: Hook, addr: &str) -> Denial {
         Denial {
             origin: OriginalDestination {
                 addr: addr.parse().unwrap(),
@@ -308,25 +418,42 @@ mod tests {
                 comm: "curl".into(),
             },
             protocol: protocol.into(),
-            reason: "not on the allow list",
             hook,
+            reason: DenyReason::NotAllowed,
+            detail: 0,
         }
     }
 
     #[test]
     fn hints_say_what_to_allow_and_skip_address_probes() {
-        let tcp = hint_for(&denial("tcp", "connect4", "203.0.113.9:5432")).unwrap();
+        let tcp = hint_for(&denial("tcp", Hook::Connect4, "203.0.113.9:5432")).unwrap();
         assert!(tcp.contains("--allow-cidr 203.0.113.9:5432"), "{tcp}");
-        let dns = hint_for(&denial("udp", "sendmsg4", "198.51.100.1:53")).unwrap();
+        let dns = hint_for(&denial("udp", Hook::Sendmsg4, "198.51.100.1:53")).unwrap();
         assert!(dns.contains("--dns 198.51.100.1"), "{dns}");
-        let dns = hint_for(&denial("udp", "connect6", "[2001:db8::1]:53")).unwrap();
+        let dns = hint_for(&denial("udp", Hook::Connect6, "[2001:db8::1]:53")).unwrap();
         assert!(dns.contains("--dns 2001:db8::1"), "{dns}");
         // glibc's RFC 6724 sorting connects UDP sockets to port 443 and sends nothing.
         assert_eq!(
-            hint_for(&denial("udp", "connect4", "203.0.113.11:443")),
+            hint_for(&denial("udp", Hook::Connect4, "203.0.113.11:443")),
             None
         );
-        let quic = hint_for(&denial("udp", "sendmsg4", "203.0.113.11:443")).unwrap();
+        let quic = hint_for(&denial("udp", Hook::Sendmsg4, "203.0.113.11:443")).unwrap();
         assert!(quic.contains("QUIC"), "{quic}");
+        // The socket-level refusals and the backstop name no flag that
+        // would not help.
+        for hook in [Hook::SockCreate, Hook::Setsockopt, Hook::Frame] {
+            let h = hint_for(&denial("icmp", hook, "0.0.0.0:0")).unwrap();
+            assert!(
+                h.contains("only use TCP and UDP") && !h.contains("--"),
+                "{hook:?}: {h}"
+            );
+        }
+        let raw = hint_for(&denial("icmp", Hook::Egress, "203.0.113.9:0")).unwrap();
+        assert!(raw.contains("only TCP and UDP packets"), "{raw}");
+        let inbound = hint_for(&denial("tcp", Hook::Ingress, "203.0.113.9:40000")).unwrap();
+        assert!(
+            inbound.contains("--allow-cidr 203.0.113.9:40000"),
+            "{inbound}"
+        );
     }
 }

@@ -38,8 +38,11 @@ fn check_host(sni: &str) {
     assert!(!sni.is_empty() && sni.len() <= 253, "sni length");
     assert!(!sni.ends_with('.'), "sni trailing dot");
     assert!(
-        sni.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'),
+        sni.bytes().all(|b| b.is_ascii_lowercase()
+            || b.is_ascii_digit()
+            || b == b'-'
+            || b == b'_'
+            || b == b'.'),
         "sni charset: {sni:?}"
     );
 }
@@ -57,7 +60,10 @@ fuzz_target!(|data: &[u8]| {
     match res {
         Ok(h) => {
             // Bounded: never more than one read past MAX_HELLO.
-            assert!(h.raw.len() <= MAX_HELLO + chunk.min(wire.len()), "raw too large");
+            assert!(
+                h.raw.len() <= MAX_HELLO + chunk.min(wire.len()),
+                "raw too large"
+            );
             // The replay buffer is exactly a prefix of what was sent.
             assert!(wire.starts_with(&h.raw), "raw is not a prefix of the input");
             if let Some(s) = &h.sni {

@@ -1,6 +1,7 @@
 //! The sidecar's and `proxypilot run`'s configuration inputs:
 //!
 //! - mode 0: the `--config` TOML file through `RelayArgs::resolve_with`
+//!   (with its `permit`s: display round trip, matcher consistency)
 //!   (the file is written to a temp path; the environment is a fake map
 //!   holding a few sealed-looking values, so `target` entries resolve);
 //! - mode 1: `--target HOST=ENVVAR` specs and the `TARGETS` variable via
@@ -29,7 +30,10 @@ use proxypilot::settings::RelayArgs;
 fn config_path() -> &'static PathBuf {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
-        std::env::temp_dir().join(format!("proxypilot-fuzz-config-{}.toml", std::process::id()))
+        std::env::temp_dir().join(format!(
+            "proxypilot-fuzz-config-{}.toml",
+            std::process::id()
+        ))
     })
 }
 
@@ -71,9 +75,38 @@ fn config_mode(data: &[u8]) {
             // What Relay::new will require of every target.
             assert!(HeaderValue::from_str(t.sealed.expose()).is_ok());
             assert!(proxypilot::policy::normalize_host(&t.host).as_deref() == Ok(t.host.as_str()));
+            permits_hold(&t.host, &t.permits);
         }
         for a in &s.allow {
-            assert_eq!(HostPattern::parse(&a.to_string()).as_ref(), Ok(a), "allow display round trip");
+            assert_eq!(
+                HostPattern::parse(&a.to_string()).as_ref(),
+                Ok(a),
+                "allow display round trip"
+            );
+        }
+    }
+}
+
+/// A permit shows as it parses, and never lets through a path whose
+/// normalisation refuses it (the fuzzed file's own text as paths).
+fn permits_hold(host: &str, permits: &[proxypilot::relay::rules::Permit]) {
+    use proxypilot::relay::rules::{path_segments, Decision, Permit, Rules};
+    let mut rules = Rules::default();
+    rules.add(host, permits.iter().cloned());
+    for p in permits {
+        let shown = p.to_string();
+        assert_eq!(
+            Permit::parse(&shown).as_ref(),
+            Ok(p),
+            "permit display round trip"
+        );
+        let path = shown.split_once(' ').map_or("/", |(_, path)| path);
+        let d = rules.check(host, &http::Method::GET, path);
+        if matches!(d, Decision::Permitted(_)) {
+            assert!(
+                path_segments(path).is_ok(),
+                "{path} permitted but not normal"
+            );
         }
     }
 }

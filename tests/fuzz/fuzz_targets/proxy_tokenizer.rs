@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, StreamBody};
 use libfuzzer_sys::fuzz_target;
 use proxypilot::tokenizer::body::ReplaceBody;
 use proxypilot::tokenizer::header;
-use proxypilot::tokenizer::{open, seal, Engine, OpenKey, Secret, SealKey};
+use proxypilot::tokenizer::{open, seal, Engine, OpenKey, SealKey, Secret};
 
 /// A fixed key so crashes reproduce; the sealed corpus seeds use it too.
 pub const OPEN_KEY_HEX: &str = "0101010101010101010101010101010101010101010101010101010101010101";
@@ -78,7 +78,9 @@ fn chunked(
             break;
         }
         let n = (*c as usize % (rest.len() + 1)).max(1).min(rest.len());
-        frames.push(Ok(http_body::Frame::data(Bytes::copy_from_slice(&rest[..n]))));
+        frames.push(Ok(http_body::Frame::data(Bytes::copy_from_slice(
+            &rest[..n],
+        ))));
         rest = &rest[n..];
     }
     if !rest.is_empty() || frames.is_empty() {
@@ -278,7 +280,10 @@ fn build_json(f: &FuzzSecret) -> serde_json::Value {
             obj.insert("inject_body_processor".into(), p);
         }
         Proc::OAuth2 { refresh } => {
-            obj.insert("oauth2_processor".into(), json!({ "token": oauth(refresh) }));
+            obj.insert(
+                "oauth2_processor".into(),
+                json!({ "token": oauth(refresh) }),
+            );
         }
         Proc::OAuth2Body { refresh } => {
             let mut p = json!({ "token": oauth(refresh) });
@@ -343,7 +348,10 @@ fn structured_mode(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
         }
     }
     for (n, v) in st.headers.iter().take(16) {
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_bytes(v)) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_bytes(v),
+        ) {
             headers.append(n, v);
         }
     }
@@ -381,10 +389,19 @@ fn structured_mode(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
     match engine.apply_to(&uri, &mut headers) {
         Ok(applied) => {
             assert_eq!(applied.secrets, n_values);
-            assert!(headers.get("proxy-tokenizer").is_none(), "Proxy-Tokenizer left in");
-            assert!(headers.get("proxy-authorization").is_none(), "Proxy-Authorization left in");
+            assert!(
+                headers.get("proxy-tokenizer").is_none(),
+                "Proxy-Tokenizer left in"
+            );
+            assert!(
+                headers.get("proxy-authorization").is_none(),
+                "Proxy-Authorization left in"
+            );
             for shape in &applied.shapes {
-                assert!(!shape.contains(MARK), "a token leaked into a log shape: {shape}");
+                assert!(
+                    !shape.contains(MARK),
+                    "a token leaked into a log shape: {shape}"
+                );
             }
             let buffers = applied.body.buffers();
             let body = chunked(&st.body, &st.cuts);
@@ -398,7 +415,10 @@ fn structured_mode(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
         }
         Err(e) => {
             // Error messages are shown to the sandbox and logged: never a token.
-            assert!(!e.to_string().contains(MARK), "a token leaked into an error: {e}");
+            assert!(
+                !e.to_string().contains(MARK),
+                "a token leaked into an error: {e}"
+            );
         }
     }
     Ok(())
@@ -426,7 +446,10 @@ fn replace_mode(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
         zeroize::Zeroizing::new(r.token.clone()),
     );
     let got = block_on(collect(b)).unwrap();
-    assert_eq!(got, expected, "streamed replacement differs from a whole-body replace");
+    assert_eq!(
+        got, expected,
+        "streamed replacement differs from a whole-body replace"
+    );
     Ok(())
 }
 

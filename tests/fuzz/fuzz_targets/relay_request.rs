@@ -72,12 +72,19 @@ const HOP: &[&str] = &[
 impl Checker {
     fn check(&self, req: &mut http::request::Parts) {
         let auth = req.uri.authority().map(|a| a.as_str().to_string());
-        let port = auth.as_deref().and_then(|a| a.rsplit_once(':')).map(|(_, p)| p.to_string());
+        let port = auth
+            .as_deref()
+            .and_then(|a| a.rsplit_once(':'))
+            .map(|(_, p)| p.to_string());
         let expect = match &port {
             None => HOST.to_string(),
             Some(p) => format!("{HOST}:{p}"),
         };
-        assert_eq!(auth.as_deref(), Some(expect.as_str()), "forwarded to another authority");
+        assert_eq!(
+            auth.as_deref(),
+            Some(expect.as_str()),
+            "forwarded to another authority"
+        );
         assert_eq!(req.uri.scheme_str(), Some("http"));
         assert_eq!(
             req.headers.get_all("host").iter().collect::<Vec<_>>(),
@@ -93,7 +100,10 @@ impl Checker {
         }
         assert!(req.headers.get("proxy-tokenizer").is_some());
         assert_eq!(
-            req.headers.get_all("proxy-authorization").iter().collect::<Vec<_>>(),
+            req.headers
+                .get_all("proxy-authorization")
+                .iter()
+                .collect::<Vec<_>>(),
             vec![TOKENIZER_AUTH],
             "Proxy-Authorization from the sandbox"
         );
@@ -101,9 +111,14 @@ impl Checker {
             let n = n.as_str();
             assert!(!HOP.contains(&n), "hop-by-hop header {n} forwarded");
             if n.starts_with("fly-src") {
-                assert!(n == "fly-src-optin" && v == "*", "sandbox-set {n} forwarded");
+                assert!(
+                    n == "fly-src-optin" && v == "*",
+                    "sandbox-set {n} forwarded"
+                );
             }
-            assert!(!n.starts_with("proxy-") || n == "proxy-tokenizer" || n == "proxy-authorization");
+            assert!(
+                !n.starts_with("proxy-") || n == "proxy-tokenizer" || n == "proxy-authorization"
+            );
         }
         // The engine must accept what the relay sends for its own host.
         if port.is_none() {
@@ -112,9 +127,10 @@ impl Checker {
                 .apply(req)
                 .unwrap_or_else(|e| panic!("the engine refused the relay's request: {e}"));
             assert!(applied.body.is_identity());
-            let carried = req.headers.values().any(|v| {
-                v.to_str().is_ok_and(|s| s.contains(REAL_KEY))
-            });
+            let carried = req
+                .headers
+                .values()
+                .any(|v| v.to_str().is_ok_and(|s| s.contains(REAL_KEY)));
             assert!(carried, "the real key was not injected");
         }
     }
@@ -202,6 +218,7 @@ fn world() -> &'static World {
                     secret_name: "ANTHROPIC_SEALED".into(),
                     sealed: SecretString::new(sealed),
                     slots: preset_slots(HOST),
+                    permits: vec![],
                 }],
                 allow: vec![],
                 allow_cidrs: vec![],
@@ -370,7 +387,9 @@ fn render(reqs: &[Req]) -> Vec<u8> {
         }
         match r.framing {
             Framing::Length => {
-                out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", r.body.len()).as_bytes());
+                out.extend_from_slice(
+                    format!("Content-Length: {}\r\n\r\n", r.body.len()).as_bytes(),
+                );
                 out.extend_from_slice(&r.body);
             }
             Framing::Chunked => {
@@ -393,7 +412,9 @@ async fn one(w: &'static World, case: Case) {
         Input::Http1(reqs) => render(reqs),
         Input::Raw(b) => b.clone(),
     };
-    let client = TcpStream::connect(w.listener.local_addr().unwrap()).await.unwrap();
+    let client = TcpStream::connect(w.listener.local_addr().unwrap())
+        .await
+        .unwrap();
     let (server, peer) = w.listener.accept().await.unwrap();
     // RST on close: no TIME_WAIT, so a long run does not run out of ports.
     #[allow(deprecated)]
@@ -409,7 +430,7 @@ async fn one(w: &'static World, case: Case) {
         cgroup_id: 7,
         comm: "fuzz".into(),
     };
-    let task = tokio::spawn(w.relay.clone().handle_connection(server, peer, Some(origin)));
+    let task = tokio::spawn(w.relay.clone().handle_connection(server, peer, origin));
     let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
     let tls = if case.h1_only { &w.tls_h1 } else { &w.tls };
     let mut stream = match tls.connect(name, client).await {

@@ -67,6 +67,7 @@ fn main() -> ExitCode {
     let mut requests: u64 = 1_000_000;
     let mut conns: usize = 32;
     let mut modes = vec![Tokenizer::Embedded];
+    let mut hostile = false;
     let mut it = args.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -85,8 +86,11 @@ fn main() -> ExitCode {
                     other => panic!("--mode embedded|remote|both, not {other:?}"),
                 }
             }
+            "--hostile" => hostile = true,
             "-h" | "--help" => {
-                println!("soak [--requests N] [--conns C] [--mode embedded|remote|both]");
+                println!(
+                    "soak [--requests N] [--conns C] [--mode embedded|remote|both] [--hostile]"
+                );
                 return ExitCode::SUCCESS;
             }
             other => panic!("unknown argument {other}"),
@@ -100,7 +104,7 @@ fn main() -> ExitCode {
     let net = FakeInternet::start();
     let mut pass = true;
     for mode in modes {
-        pass &= soak(&net, mode, requests, conns);
+        pass &= soak(&net, mode, requests, conns, hostile);
     }
     println!("soak: {}", if pass { "PASS" } else { "FAIL" });
     if pass {
@@ -111,7 +115,7 @@ fn main() -> ExitCode {
 }
 
 /// One run in one mode; true when every figure is within its bound.
-fn soak(net: &FakeInternet, mode: Tokenizer, requests: u64, conns: usize) -> bool {
+fn soak(net: &FakeInternet, mode: Tokenizer, requests: u64, conns: usize, hostile: bool) -> bool {
     let name = format!("soak-{mode:?}").to_lowercase();
     let mut fly = FlyShape::start(net, &name, mode, &[]);
     let pid = fly.sidecar.child.id();
@@ -134,6 +138,8 @@ fn soak(net: &FakeInternet, mode: Tokenizer, requests: u64, conns: usize) -> boo
     // In four segments, with the heap and RSS after each: growth that keeps
     // going is a leak, growth that levels off is the allocator's high-water
     // mark.
+    // The hostile mix runs beside the measured run, from the same sandbox.
+    let attackers = hostile.then(|| Hostile::start(net, &fly));
     let t = Instant::now();
     let segments = 4u64;
     let mut report = json!({});
@@ -143,14 +149,17 @@ fn soak(net: &FakeInternet, mode: Tokenizer, requests: u64, conns: usize) -> boo
         let n = requests / segments + u64::from(i < requests % segments);
         let part = run_client(net, &fly, n, conns);
         rss_after.push(rss_kib(pid));
-        if i == 1 {
-            // Mid-run, measured quiet as start and end are.
+        if i == 1 && attackers.is_none() {
+            // Mid-run, measured quiet as start and end are (never quiet
+            // while the hostile mix holds its connections).
             quiet_fds(pid, start_fds);
         }
         heap_after.push(heap_kib(&fly, net));
         merge(&mut report, &part);
     }
     let elapsed = t.elapsed();
+    let mix_rss = rss_kib(pid);
+    let hostile_ran = attackers.map(Hostile::stop);
     println!("heap in use after each quarter of the run (KiB): {heap_after:?}");
     println!("RSS after each quarter of the run (KiB): {rss_after:?}");
     let alive = matches!(fly.sidecar.child.try_wait(), Ok(None));
@@ -179,6 +188,18 @@ fn soak(net: &FakeInternet, mode: Tokenizer, requests: u64, conns: usize) -> boo
         "  ok: {}   killed mid-request on purpose: {}",
         report["ok"], report["killed"]
     );
+    println!(
+        "  latency of served requests: p50 {} us, p99 {} us (worst quarter)",
+        report["p50_us"], report["p99_us"]
+    );
+    if let Some(ran) = &hostile_ran {
+        let sent =
+            report["requests"].as_f64().unwrap_or(0.0) - report["killed"].as_f64().unwrap_or(0.0);
+        println!(
+            "  hostile mix beside it ({ran}): normal clients' success {:.3}%, RSS {mix_rss} KiB at its end",
+            report["ok"].as_f64().unwrap_or(0.0) / sent.max(1.0) * 100.0
+        );
+    }
     println!("  errors by kind: {}", report["errors"]);
     println!("end (quiet after {waited:?}): {end_heap} KiB heap in use, {end_rss} KiB RSS, {end_fds} fds");
     println!("heap in use start {start_heap} KiB -> end {end_heap} KiB: {heap_growth:+.2}%");
@@ -253,6 +274,13 @@ fn merge(into: &mut Value, part: &Value) {
         let sum = into[k].as_u64().unwrap_or(0) + part[k].as_u64().unwrap_or(0);
         into[k] = json!(sum);
     }
+    for k in ["p50_us", "p99_us"] {
+        let worst = into[k]
+            .as_u64()
+            .unwrap_or(0)
+            .max(part[k].as_u64().unwrap_or(0));
+        into[k] = json!(worst);
+    }
     let mut errors = into["errors"].as_object().cloned().unwrap_or_default();
     for (k, v) in part["errors"].as_object().into_iter().flatten() {
         let sum = errors.get(k).and_then(Value::as_u64).unwrap_or(0) + v.as_u64().unwrap_or(0);
@@ -275,6 +303,71 @@ fn quiet_fds(pid: u32, target: usize) -> (usize, Duration) {
             return (fd_count(pid), t.elapsed());
         }
         thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Slow readers and a connection flood in the sandbox (issue 21), beside
+/// the normal clients: four downloads read at 1 KB/s, and one process
+/// holding 300 bare connections to an intercepted host, reopening those
+/// the relay closes.
+struct Hostile(Vec<std::process::Child>);
+
+impl Hostile {
+    fn start(net: &FakeInternet, fly: &FlyShape) -> Hostile {
+        let mut children = Vec::new();
+        for _ in 0..4 {
+            children.push(
+                fly.sandbox(net, "curl")
+                    .args([
+                        "-sS",
+                        "-o",
+                        "/dev/null",
+                        "--limit-rate",
+                        "1k",
+                        "-H",
+                        "x-api-key: dummy",
+                    ])
+                    .arg(format!("https://{ANTHROPIC}/bytes?n=500000000"))
+                    .command()
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("start a slow reader"),
+            );
+        }
+        let flood = format!(
+            "import socket, time\n\
+             held = []\n\
+             while True:\n\
+             \x20   held = [s for s in held if s.fileno() >= 0]\n\
+             \x20   while len(held) < 300:\n\
+             \x20       try:\n\
+             \x20           held.append(socket.create_connection(('{ANTHROPIC}', 443), timeout=2))\n\
+             \x20       except OSError:\n\
+             \x20           time.sleep(0.05)\n\
+             \x20   time.sleep(1)\n\
+             \x20   for s in held[:50]:\n\
+             \x20       s.close()\n"
+        );
+        children.push(
+            fly.sandbox(net, "python3")
+                .args(["-c", &flood])
+                .command()
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start the connection flood"),
+        );
+        Hostile(children)
+    }
+
+    /// Ends them; says what ran.
+    fn stop(self) -> String {
+        for mut c in self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        "4 slow readers at 1 KB/s, 300 bare connections held by one process".into()
     }
 }
 
@@ -323,6 +416,8 @@ struct Ctx {
     connections: AtomicU64,
     h2_connections: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
+    /// Each served request's time, in microseconds.
+    latencies_us: Mutex<Vec<u32>>,
     /// ALPN http/1.1 only, and h2 only.
     tls_h1: TlsConnector,
     tls_h2: TlsConnector,
@@ -393,6 +488,7 @@ async fn client(spec: Value) -> Result<Value, BoxError> {
         connections: AtomicU64::new(0),
         h2_connections: AtomicU64::new(0),
         errors: Mutex::new(BTreeMap::new()),
+        latencies_us: Mutex::new(Vec::new()),
         tls_h1: TlsConnector::from(Arc::new(cfg)),
         tls_h2: TlsConnector::from(Arc::new(cfg_h2)),
         hosts,
@@ -406,7 +502,16 @@ async fn client(spec: Value) -> Result<Value, BoxError> {
     }
     let issued = ctx.issued.load(Ordering::Relaxed).min(ctx.total);
     let errors = ctx.errors.lock().unwrap().clone();
+    let mut lat = ctx.latencies_us.lock().unwrap().clone();
+    lat.sort_unstable();
+    let pick = |q: f64| {
+        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     Ok(json!({
+        "p50_us": pick(0.50),
+        "p99_us": pick(0.99),
         "requests": issued,
         "ok": ctx.ok.load(Ordering::Relaxed),
         "killed": ctx.killed.load(Ordering::Relaxed),
@@ -599,9 +704,12 @@ async fn worker(ctx: Arc<Ctx>, seed: u64) {
                 format!("/bytes?n={size}")
             };
             let expect = path.starts_with("/bytes").then_some(size);
+            let t = Instant::now();
             match conn.get(&path, expect).await {
                 Ok(()) => {
                     ctx.ok.fetch_add(1, Ordering::Relaxed);
+                    let us = t.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    ctx.latencies_us.lock().unwrap().push(us);
                 }
                 Err(kind) => {
                     ctx.error(&kind);

@@ -1,0 +1,406 @@
+//! The engine both front doors call: for each `Proxy-Tokenizer` header, in
+//! order, open the sealed secret, authenticate its use, validate the host,
+//! and build its processor; then apply them all and strip the proxy
+//! headers. As in Go, nothing is applied unless every secret passes.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use http::{HeaderMap, Uri};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use super::body::BodyTransform;
+use super::error::TokenizerError;
+use super::flysrc::{FlySrcVerifier, FLY_SRC, FLY_SRC_SIGNATURE};
+use super::header::{self, PROXY_AUTHORIZATION, PROXY_TOKENIZER};
+use super::keys::{OpenKey, SealKey};
+use super::processor::{self, Action};
+use super::redact::{ask_for_identity, EchoNeedles, InjectedTokens};
+use super::secret::{compile_host_pattern, AuthRef, BearerAuth, FlySrcAuth, Secret};
+
+/// Compiled host patterns kept; beyond this the cache starts over.
+const PATTERN_CACHE_MAX: usize = 1024;
+/// Opened secrets kept; beyond this the cache starts over.
+const SECRET_CACHE_MAX: usize = 1024;
+/// Larger sealed secrets are opened every time rather than cached, so the
+/// cache stays small (a few MiB at most) whatever clients send. Real ones
+/// are a few hundred bytes.
+const SECRET_CACHE_MAX_CIPHERTEXT: usize = 4096;
+
+/// An opened secret, its loggable shape, and the echoes of its tokens to
+/// mask in responses (built once per secret).
+type Opened = (Arc<Secret>, Arc<str>, Option<Arc<EchoNeedles>>);
+
+/// Opens sealed secrets with one open key and applies them to requests.
+pub struct Engine {
+    open_key: OpenKey,
+    seal_key: SealKey,
+    fly_src: Option<FlySrcVerifier>,
+    patterns: Mutex<HashMap<String, Arc<regex::Regex>>>,
+    /// Opened secrets by sha256 of their ciphertext. Clients send the same
+    /// sealed secret on every request, and opening it (two X25519
+    /// multiplications) is most of the engine's cost. Only opening is
+    /// cached: authentication and validation run on every request. The
+    /// cache holds no more than the open key already unlocks.
+    opened: Mutex<HashMap<[u8; 32], Opened>>,
+}
+
+/// The outcome of [`Engine::apply`] on a request's head.
+#[derive(Debug)]
+pub struct Applied {
+    /// How many sealed secrets were applied.
+    pub secrets: usize,
+    /// What remains to do to the body (nothing for header-only processors).
+    pub body: BodyTransform,
+    /// The secrets with their hazmat stripped, for log lines.
+    pub shapes: Vec<String>,
+    /// What echoes of the values put into the request look like, to
+    /// redact them from the response.
+    pub injected: InjectedTokens,
+}
+
+impl Engine {
+    pub fn new(open_key: OpenKey) -> Self {
+        Engine {
+            seal_key: open_key.seal_key(),
+            open_key,
+            fly_src: None,
+            patterns: Mutex::new(HashMap::new()),
+            opened: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Load the open key from a file written by `proxypilot keygen`.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        Ok(Engine::new(OpenKey::from_file(path)?))
+    }
+
+    /// Verify `Fly-Src` headers for `fly_src_auth` secrets with this key.
+    /// Without one, such secrets are refused (407).
+    pub fn with_fly_src_verifier(mut self, v: FlySrcVerifier) -> Self {
+        self.fly_src = Some(v);
+        self
+    }
+
+    /// The seal key matching this engine's open key.
+    pub fn seal_key(&self) -> &SealKey {
+        &self.seal_key
+    }
+
+    /// Apply every `Proxy-Tokenizer` header of a request head.
+    pub fn apply(&self, parts: &mut http::request::Parts) -> Result<Applied, TokenizerError> {
+        self.apply_to(&parts.uri, &mut parts.headers)
+    }
+
+    /// Same as [`Engine::apply`] for callers holding the URI and headers.
+    /// The host validated is [`request_host`] of them.
+    pub fn apply_to(&self, uri: &Uri, headers: &mut HeaderMap) -> Result<Applied, TokenizerError> {
+        let host = request_host(uri, headers);
+        let values = headers
+            .get_all(PROXY_TOKENIZER)
+            .iter()
+            .map(|v| v.to_str().map(str::to_owned))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| TokenizerError::BadHeader("the value is not visible ASCII".into()))?;
+
+        let mut actions = Vec::with_capacity(values.len());
+        let mut injected = InjectedTokens::default();
+        let mut shapes = Vec::with_capacity(values.len());
+        for value in &values {
+            let (b64, params) = header::parse(value)?;
+            let (secret, shape, needles) = self.open(b64)?;
+            tracing::debug!(secret = %shape, host = %host, "applying sealed secret");
+            shapes.push(shape.to_string());
+            if let Some(kind) = secret.unsupported_processor() {
+                return Err(TokenizerError::UnsupportedProcessor(
+                    kind,
+                    "reseal it with inject_processor, inject_hmac_processor, inject_body_processor or oauth2_processor",
+                ));
+            }
+            self.authenticate(&secret, headers)?;
+            self.validate(&secret, &host)?;
+            let p = secret
+                .processor()
+                .ok_or_else(|| TokenizerError::BadSecret("bad processor config".into()))?;
+            actions.push(processor::plan(p, &params)?);
+            injected.0.extend(needles);
+        }
+        if !injected.0.is_empty() {
+            // Echoes in a compressed response could not be masked.
+            ask_for_identity(headers);
+        }
+
+        let mut body = BodyTransform::default();
+        for action in actions {
+            match action {
+                Action::SetHeader(name, value) => {
+                    headers.insert(name, value);
+                }
+                Action::Body(step) => body.steps.push(step),
+            }
+        }
+        headers.remove(PROXY_TOKENIZER);
+        headers.remove(PROXY_AUTHORIZATION);
+        Ok(Applied {
+            secrets: values.len(),
+            body,
+            shapes,
+            injected,
+        })
+    }
+
+    fn open(&self, b64: &str) -> Result<Opened, TokenizerError> {
+        let ct = super::seal::decode(b64)?;
+        let id: [u8; 32] = Sha256::digest(&ct).into();
+        if let Some(o) = self
+            .opened
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+        {
+            return Ok(o.clone());
+        }
+        let secret = super::seal::open_bytes(&self.open_key, &ct)?;
+        let shape: Arc<str> = secret.strip_hazmat_string().into();
+        let needles = EchoNeedles::new(&secret.sent_tokens());
+        let opened = (Arc::new(secret), shape, needles);
+        if ct.len() > SECRET_CACHE_MAX_CIPHERTEXT {
+            return Ok(opened);
+        }
+        let mut cache = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= SECRET_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(id, opened.clone());
+        Ok(opened)
+    }
+
+    fn authenticate(&self, secret: &Secret, headers: &HeaderMap) -> Result<(), TokenizerError> {
+        match secret.auth() {
+            Some(AuthRef::NoAuth) => Ok(()),
+            Some(AuthRef::Bearer(b)) => bearer_auth(b, headers),
+            Some(AuthRef::FlySrc(f)) => self.fly_src_auth(f, headers),
+            Some(AuthRef::Macaroon(kind)) => Err(TokenizerError::NotAuthorized(format!(
+                "{kind} is not supported by proxypilot's tokenizer; reseal the secret with \
+                 bearer_auth, fly_src_auth or no_auth"
+            ))),
+            None => Err(TokenizerError::BadSecret("bad auth config".into())),
+        }
+    }
+
+    fn fly_src_auth(&self, cfg: &FlySrcAuth, headers: &HeaderMap) -> Result<(), TokenizerError> {
+        let na = |m: String| TokenizerError::NotAuthorized(m);
+        let verifier = self.fly_src.as_ref().ok_or_else(|| {
+            na("fly_src_auth needs Fly-Src verification, but this tokenizer has no Fly-Src public key \
+                (start it with --fly-src-pubkey, or use Fly's tokenizer)"
+                .into())
+        })?;
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let src = get(FLY_SRC).ok_or_else(|| na("missing Fly-Src header".into()))?;
+        let sig = get(FLY_SRC_SIGNATURE).ok_or_else(|| na("missing Fly-Src signature".into()))?;
+        let fs = verifier.verify(src, sig, SystemTime::now()).map_err(na)?;
+        let allowed = |list: &Option<Vec<String>>, v: &str| {
+            list.as_ref()
+                .is_none_or(|l| l.is_empty() || l.iter().any(|a| a == v))
+        };
+        if !allowed(&cfg.allowed_orgs, &fs.org) {
+            return Err(na(format!("org {} not allowed", fs.org)));
+        }
+        if !allowed(&cfg.allowed_apps, &fs.app) {
+            return Err(na(format!("app {} not allowed", fs.app)));
+        }
+        if !allowed(&cfg.allowed_instances, &fs.instance) {
+            return Err(na(format!("instance {} not allowed", fs.instance)));
+        }
+        Ok(())
+    }
+
+    fn validate(&self, secret: &Secret, host: &str) -> Result<(), TokenizerError> {
+        if let Some(hosts) = &secret.allowed_hosts {
+            if !hosts.iter().any(|h| h == host) {
+                return Err(TokenizerError::HostNotAllowed(host.to_string()));
+            }
+        }
+        if !secret.allowed_host_pattern.is_empty()
+            && !self.pattern(&secret.allowed_host_pattern)?.is_match(host)
+        {
+            return Err(TokenizerError::HostNotAllowed(host.to_string()));
+        }
+        Ok(())
+    }
+
+    fn pattern(&self, p: &str) -> Result<Arc<regex::Regex>, TokenizerError> {
+        let mut cache = self.patterns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(re) = cache.get(p) {
+            return Ok(re.clone());
+        }
+        let re = Arc::new(compile_host_pattern(p)?);
+        if cache.len() >= PATTERN_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(p.to_string(), re.clone());
+        Ok(re)
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("seal_key", &self.seal_key)
+            .field("fly_src", &self.fly_src.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The host a secret is validated against, as Go's `r.URL.Host`: the URI's
+/// authority (without userinfo, with the port if one was written) for
+/// absolute-form and HTTP/2 requests, else the Host header, else "".
+pub fn request_host(uri: &Uri, headers: &HeaderMap) -> String {
+    if let Some(a) = uri.authority() {
+        let s = a.as_str();
+        return s.rsplit_once('@').map_or(s, |(_, h)| h).to_string();
+    }
+    headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn bearer_auth(cfg: &BearerAuth, headers: &HeaderMap) -> Result<(), TokenizerError> {
+    for tok in proxy_authorization_tokens(headers) {
+        let digest = Sha256::digest(&tok);
+        if bool::from(cfg.digest.expose().ct_eq(digest.as_slice())) {
+            return Ok(());
+        }
+    }
+    Err(TokenizerError::NotAuthorized(
+        "bad or missing proxy auth (send Proxy-Authorization: Bearer <token> with the token \
+         whose sha256 digest the secret's bearer_auth holds)"
+            .into(),
+    ))
+}
+
+/// The candidate tokens of the Proxy-Authorization headers, as Go's
+/// proxyAuthorizationTokens: `Bearer x` and `FlyV1 x` give x; `Basic b64`
+/// gives the password, and its URL-query-unescaped form when that parses.
+/// Schemes are case-sensitive there, and here.
+fn proxy_authorization_tokens(headers: &HeaderMap) -> Vec<Zeroizing<Vec<u8>>> {
+    let mut out = Vec::new();
+    for v in headers.get_all(PROXY_AUTHORIZATION) {
+        let Some((scheme, rest)) = split_once_byte(v.as_bytes(), b' ') else {
+            continue;
+        };
+        match scheme {
+            b"Bearer" | b"FlyV1" => out.push(Zeroizing::new(rest.to_vec())),
+            b"Basic" => {
+                let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(rest) else {
+                    continue;
+                };
+                let raw = Zeroizing::new(raw);
+                let Some((_, pw)) = split_once_byte(&raw, b':') else {
+                    continue;
+                };
+                out.push(Zeroizing::new(pw.to_vec()));
+                if let Some(plain) = query_unescape(pw) {
+                    out.push(plain);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn split_once_byte(b: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
+    let i = b.iter().position(|&c| c == sep)?;
+    Some((&b[..i], &b[i + 1..]))
+}
+
+/// Go's url.QueryUnescape: `+` is a space, `%XX` a byte; a bad escape fails.
+fn query_unescape(s: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(s.len()));
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                out.push(v);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_auth_tokens() {
+        let mut h = HeaderMap::new();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        h.append(PROXY_AUTHORIZATION, "Bearer abc".parse().unwrap());
+        h.append(PROXY_AUTHORIZATION, "bearer lower".parse().unwrap());
+        h.append(PROXY_AUTHORIZATION, "FlyV1 fm2_x".parse().unwrap());
+        h.append(
+            PROXY_AUTHORIZATION,
+            format!("Basic {}", b64.encode("user:p%40ss+word"))
+                .parse()
+                .unwrap(),
+        );
+        h.append(
+            PROXY_AUTHORIZATION,
+            format!("Basic {}", b64.encode("nocolon")).parse().unwrap(),
+        );
+        h.append(PROXY_AUTHORIZATION, "NoScheme".parse().unwrap());
+        let toks: Vec<Vec<u8>> = proxy_authorization_tokens(&h)
+            .into_iter()
+            .map(|t| t.to_vec())
+            .collect();
+        assert_eq!(
+            toks,
+            vec![
+                b"abc".to_vec(),
+                b"fm2_x".to_vec(),
+                b"p%40ss+word".to_vec(),
+                b"p@ss word".to_vec()
+            ]
+        );
+        assert!(query_unescape(b"%zz").is_none());
+        assert!(query_unescape(b"%4").is_none());
+        assert!(query_unescape(b"%+1").is_none());
+    }
+
+    #[test]
+    fn host_of_request() {
+        let h = HeaderMap::new();
+        let u: Uri = "http://api.example.com:8443/x".parse().unwrap();
+        assert_eq!(request_host(&u, &h), "api.example.com:8443");
+        let u: Uri = "http://user:pw@api.example.com/x".parse().unwrap();
+        assert_eq!(request_host(&u, &h), "api.example.com");
+        let u: Uri = "/x".parse().unwrap();
+        assert_eq!(request_host(&u, &h), "");
+        let mut h = HeaderMap::new();
+        h.insert(http::header::HOST, "api.example.com:443".parse().unwrap());
+        assert_eq!(request_host(&u, &h), "api.example.com:443");
+    }
+}

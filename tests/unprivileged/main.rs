@@ -1,0 +1,14 @@
+//! The tests that need no root, in one binary: the relay end to end on
+//! loopback with a stand-in kernel, the tokenizer (engine, server, wire
+//! compatibility), the pooled upstream client, and the inputs the fuzz
+//! targets found. Run alone with
+//! `cargo test -p proxypilot-tests --test unprivileged`.
+
+mod audit_line;
+mod docs;
+mod fuzz_regressions;
+mod relay_e2e;
+mod tokenizer_compat;
+mod tokenizer_engine;
+mod tokenizer_server;
+mod upstream_client;

@@ -1,0 +1,119 @@
+//! The pooled upstream client under cancellation: clients that go away
+//! mid-response make the relay drop upstream streams, and the one shared
+//! HTTP/2 connection to the API must survive any number of them.
+//!
+//! Found by the soak: with h2's defaults, DATA frames arriving for streams
+//! the relay had cancelled counted as "local error resets", and after 1,024
+//! of them h2 closed the connection (GOAWAY ENHANCE_YOUR_CALM,
+//! too_many_internal_resets), failing every request in flight on it with 502.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use http::Request;
+use http_body_util::{BodyExt, Empty};
+use proxypilot::tokenizer::UpstreamClient;
+use proxypilot_tests::loopback::LoopbackUpstream;
+
+const UPSTREAM_HOST: &str = "api.example.test";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_cancelled_streams_do_not_kill_the_shared_connection() {
+    // Every response of `/endless` streams a chunk each millisecond until
+    // the client resets the stream.
+    let upstream = LoopbackUpstream::start(&[UPSTREAM_HOST]).await;
+    let client = UpstreamClient::new(&upstream.client_config(true)).unwrap();
+
+    // 64 at a time, 3,000 in all: each reads its first chunk, then drops
+    // the response, as the relay does when its client goes away.
+    const TOTAL: usize = 3000;
+    let next = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..64)
+        .map(|_| {
+            let (client, next, failures) = (client.clone(), next.clone(), failures.clone());
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < TOTAL {
+                    let req = Request::get(format!("https://{UPSTREAM_HOST}/endless"))
+                        .body(Empty::new().map_err(|e| match e {}).boxed_unsync())
+                        .unwrap();
+                    let result = match client.send(req).await {
+                        Ok(resp) => match resp.into_body().frame().await {
+                            Some(Ok(_)) => Ok(()),
+                            Some(Err(e)) => Err(format!("first chunk: {e}")),
+                            None => Err("empty body".to_string()),
+                        },
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(e) = result {
+                        failures.lock().unwrap().push(e);
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {TOTAL} requests failed; first: {:?}",
+        failures.len(),
+        failures.first()
+    );
+    assert!(
+        upstream
+            .seen()
+            .iter()
+            .all(|r| r.version == http::Version::HTTP_2),
+        "the streams must share one HTTP/2 connection"
+    );
+}
+
+/// An HTTP/1.1 upstream needs a connection per request in flight; a fan-out
+/// of streams must not become as many upstream connections (issue 21).
+/// Twenty concurrent requests under a cap of four: while the first four
+/// hold their responses, the upstream has four connections and the others
+/// wait; once they let go, every request is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_upstream_gets_at_most_the_cap_of_connections_under_fan_out() {
+    let upstream = LoopbackUpstream::start(&[UPSTREAM_HOST]).await;
+    let mut cfg = upstream.client_config(false);
+    cfg.max_connections_per_host = 4;
+    let client = UpstreamClient::new(&cfg).unwrap();
+    let started = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (client, started, release) = (client.clone(), started.clone(), release.clone());
+            tokio::spawn(async move {
+                let req = Request::get(format!("https://{UPSTREAM_HOST}/endless"))
+                    .body(Empty::new().map_err(|e| match e {}).boxed_unsync())
+                    .unwrap();
+                let resp = client.send(req).await.map_err(|e| e.to_string())?;
+                let mut body = resp.into_body();
+                body.frame()
+                    .await
+                    .ok_or("empty body")?
+                    .map_err(|e| e.to_string())?;
+                started.fetch_add(1, Ordering::SeqCst);
+                // Hold the response until the test lets go.
+                release.acquire().await.unwrap().forget();
+                Ok::<_, String>(())
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (open, served) = (upstream.open_connections(), started.load(Ordering::SeqCst));
+    release.add_permits(20);
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        (open, served),
+        (4, 4),
+        "connections open, requests answered"
+    );
+    assert_eq!(started.load(Ordering::SeqCst), 20);
+}
