@@ -44,7 +44,7 @@ pub fn ensure_mounted() -> Result<()> {
 
 /// True when `path` is on a bpf filesystem.
 pub fn is_bpffs(path: &Path) -> bool {
-    statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// proxypilot's own directory in bpffs; every pin lives below it.

@@ -6,7 +6,7 @@
 //! The kernel policy lets the sandbox reach this one loopback port.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -17,14 +17,45 @@ use tokio::net::TcpListener;
 use crate::policy::PolicySummary;
 
 /// What the info server serves.
-#[derive(Clone)]
 pub struct InfoState {
+    published: RwLock<Published>,
+    /// Source of `/stats`; `None` serves an empty object.
+    stats: Option<Arc<crate::relay::LiveRelay>>,
+    /// Source of the packet backstop's counts in `/stats`.
+    kernel: Option<Arc<crate::kernel::Attachment>>,
+}
+
+/// `/ca.pem` and `/policy`: replaced together when a reload changes them.
+#[derive(Clone)]
+pub struct Published {
     pub ca_pem: String,
     pub policy: PolicySummary,
-    /// Source of `/stats`; `None` serves an empty object.
-    pub stats: Option<Arc<crate::relay::Relay>>,
-    /// Source of the packet backstop's counts in `/stats`.
-    pub kernel: Option<Arc<crate::kernel::Attachment>>,
+}
+
+impl InfoState {
+    pub fn new(
+        published: Published,
+        stats: Option<Arc<crate::relay::LiveRelay>>,
+        kernel: Option<Arc<crate::kernel::Attachment>>,
+    ) -> Arc<InfoState> {
+        Arc::new(InfoState {
+            published: RwLock::new(published),
+            stats,
+            kernel,
+        })
+    }
+
+    /// Serves `published` from now on (after a reload).
+    pub fn publish(&self, published: Published) {
+        *self.published.write().unwrap_or_else(|p| p.into_inner()) = published;
+    }
+
+    fn published(&self) -> Published {
+        self.published
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 /// Binds 127.0.0.1:`port`.
@@ -82,18 +113,19 @@ fn respond(state: &InfoState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         (&Method::GET, "/ca.pem") => (
             StatusCode::OK,
             "application/x-pem-file",
-            state.ca_pem.clone(),
+            state.published().ca_pem,
         ),
         (&Method::GET, "/policy") => (
             StatusCode::OK,
             "application/json",
-            serde_json::to_string_pretty(&state.policy).expect("summary serialises") + "\n",
+            serde_json::to_string_pretty(&state.published().policy).expect("summary serialises")
+                + "\n",
         ),
         (&Method::GET, "/stats") => (
             StatusCode::OK,
             "application/json",
             serde_json::to_string_pretty(&Stats {
-                relay: state.stats.as_ref().map(|r| r.stats()),
+                relay: state.stats.as_ref().map(|live| live.get().stats()),
                 heap_in_use_bytes: heap_in_use_bytes(),
                 packets_dropped: state.kernel.as_ref().map(|k| {
                     let d = k.packet_drops();
@@ -135,16 +167,18 @@ mod tests {
     async fn serves_ca_and_policy() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let state = Arc::new(InfoState {
-            ca_pem: "-----BEGIN CERTIFICATE-----\nabc\n-----END CERTIFICATE-----\n".into(),
-            policy: PolicySummary {
-                intercepted_hosts: vec!["api.example.com".into()],
-                pass_through_hosts: vec!["*.github.io".into()],
-                allowed_destinations: vec!["198.51.100.0/24".into()],
+        let state = InfoState::new(
+            Published {
+                ca_pem: "-----BEGIN CERTIFICATE-----\nabc\n-----END CERTIFICATE-----\n".into(),
+                policy: PolicySummary {
+                    intercepted_hosts: vec!["api.example.com".into()],
+                    pass_through_hosts: vec!["*.github.io".into()],
+                    allowed_destinations: vec!["198.51.100.0/24".into()],
+                },
             },
-            stats: None,
-            kernel: None,
-        });
+            None,
+            None,
+        );
         tokio::spawn(serve(listener, state));
         let get = |path: &'static str| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -217,6 +217,16 @@ pub struct RelaySettings {
     /// `--metrics-listen`: where Prometheus scrapes; `None`: not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub limits: Limits,
+    /// The config file's `allow-cidr` and `allow-unix`: kernel rules added
+    /// to the flags' (a reload can change these; flags need a restart).
+    pub file_kernel: FileKernelRules,
+}
+
+/// Kernel allowlist entries from the config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileKernelRules {
+    pub allow_cidrs: Vec<crate::kernel::AllowRule>,
+    pub allow_unix: Vec<crate::kernel::UnixPath>,
 }
 
 /// `--config` file schema; keys are the flag names.
@@ -227,6 +237,10 @@ struct FileConfig {
     allow: Option<Vec<String>>,
     /// `permit = ["HOST METHOD PATH", ...]`, as the flag.
     permit: Option<Vec<String>>,
+    /// `allow-cidr = ["10.1.2.3:5432"]`, as the flag (added to it).
+    allow_cidr: Option<Vec<String>>,
+    /// `allow-unix = ["/run/agent.sock"]`, as the flag (added to it).
+    allow_unix: Option<Vec<String>>,
     tokenizer: Option<String>,
     tokenizer_auth_env: Option<String>,
     open_key_file: Option<PathBuf>,
@@ -296,8 +310,8 @@ impl RelayArgs {
         let mut errors: Vec<String> = Vec::new();
         if file.kernel.is_some() {
             errors.push(
-                "the config file's [kernel] table is not read: give the kernel policy as flags \
-                 (--listen, --intercept-port, --allow-cidr, --dns, --allow-unix) and remove the table"
+                "the config file's [kernel] table is not read: give --listen, --intercept-port and \
+                 --dns as flags, allow-cidr and allow-unix as top-level keys, and remove the table"
                     .to_string(),
             );
         }
@@ -479,6 +493,22 @@ impl RelayArgs {
             (None, None) => None,
         };
 
+        let mut file_kernel = FileKernelRules::default();
+        for c in file.allow_cidr.iter().flatten() {
+            match c.parse() {
+                Ok(r) if !file_kernel.allow_cidrs.contains(&r) => file_kernel.allow_cidrs.push(r),
+                Ok(_) => {}
+                Err(e) => errors.push(format!("allow-cidr {c:?} in the config file: {e}")),
+            }
+        }
+        for u in file.allow_unix.iter().flatten() {
+            match u.parse() {
+                Ok(p) if !file_kernel.allow_unix.contains(&p) => file_kernel.allow_unix.push(p),
+                Ok(_) => {}
+                Err(e) => errors.push(format!("allow-unix {u:?} in the config file: {e}")),
+            }
+        }
+
         if !errors.is_empty() {
             return Err(anyhow!(
                 "invalid relay configuration:\n  - {}",
@@ -499,6 +529,7 @@ impl RelayArgs {
             info_port,
             metrics_listen,
             limits,
+            file_kernel,
         })
     }
 }
@@ -833,7 +864,7 @@ impl RelaySettings {
         ca: Arc<CertAuthority>,
         allow_cidrs: Vec<crate::policy::AllowedNet>,
         embedded: Option<Arc<dyn Forward>>,
-    ) -> anyhow::Result<Arc<Relay>> {
+    ) -> anyhow::Result<Relay> {
         let forwarder = match (&self.tokenizer, embedded) {
             (TokenizerMode::Remote { url }, _) => Forwarder::Remote(Arc::new(
                 RemoteTokenizer::new(url, self.limits.connect_timeout).map_err(|e| anyhow!(e))?,
@@ -859,7 +890,7 @@ impl RelaySettings {
             leaf_lifetime: crate::tls::leaf::DEFAULT_LIFETIME,
             leaf_capacity: crate::tls::leaf::DEFAULT_CAPACITY,
         })?;
-        Ok(Arc::new(relay))
+        Ok(relay)
     }
 }
 
@@ -1280,7 +1311,45 @@ state-dir = "/tmp/x"
         .unwrap_err()
         .to_string();
         assert!(
-            err.contains("[kernel] table is not read") && err.contains("--allow-cidr"),
+            err.contains("[kernel] table is not read")
+                && err.contains("allow-cidr and allow-unix as top-level keys"),
+            "{err}"
+        );
+
+        // The kernel's allow lists as top-level keys (a reload can change these).
+        let rules = dir.join("rules.toml");
+        std::fs::write(
+            &rules,
+            "allow-cidr = [\"10.1.2.3:5432\", \"10.1.2.3:5432\"]\nallow-unix = [\"/run/agent.sock\"]\n",
+        )
+        .unwrap();
+        let s = RelayArgs {
+            config: Some(rules.clone()),
+            ..Default::default()
+        }
+        .resolve_with(&env_of(&[]))
+        .unwrap();
+        assert_eq!(
+            s.file_kernel.allow_cidrs,
+            vec!["10.1.2.3:5432".parse().unwrap()],
+            "parsed once, duplicates dropped"
+        );
+        assert_eq!(s.file_kernel.allow_unix.len(), 1);
+        std::fs::write(
+            &rules,
+            "allow-cidr = [\"10.1.2.3/99\"]\nallow-unix = [\"agent.sock\"]\n",
+        )
+        .unwrap();
+        let err = RelayArgs {
+            config: Some(rules),
+            ..Default::default()
+        }
+        .resolve_with(&env_of(&[]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("allow-cidr \"10.1.2.3/99\" in the config file")
+                && err.contains("allow-unix \"agent.sock\" in the config file"),
             "{err}"
         );
 

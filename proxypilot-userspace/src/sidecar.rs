@@ -4,7 +4,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use anyhow::{Context, Result};
@@ -12,13 +12,13 @@ use ipnet::IpNet;
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
-    info::{self, InfoState},
+    info::{self, InfoState, Published},
     kernel::{
         cgroup, denials::Denial, AllowRule, Attachment, KernelPolicy, OriginalDestination, UnixPath,
     },
     policy::AllowedNet,
-    relay::{self, Forward, Redirections},
-    settings::RelaySettings,
+    relay::{self, Forward, LiveRelay, Redirections, Relay},
+    settings::{FileKernelRules, RelaySettings},
     tls::ca::CertAuthority,
 };
 
@@ -62,6 +62,34 @@ impl KernelOptions {
         policy.set_listeners(listeners)?;
         Ok(policy)
     }
+
+    /// These options plus the config file's `allow-cidr` and `allow-unix`.
+    pub fn with_file(&self, file: &FileKernelRules) -> KernelOptions {
+        let mut out = self.clone();
+        for r in &file.allow_cidrs {
+            if !out.allow_cidrs.contains(r) {
+                out.allow_cidrs.push(*r);
+            }
+        }
+        for p in &file.allow_unix {
+            if !out.allow_unix.contains(p) {
+                out.allow_unix.push(p.clone());
+            }
+        }
+        out
+    }
+
+    /// The TCP rules, as the relay's pass-through checks them (TLS is TCP).
+    fn allowed_nets(&self) -> Vec<AllowedNet> {
+        self.allow_cidrs
+            .iter()
+            .filter(|r| r.tcp)
+            .map(|r| AllowedNet {
+                net: r.net,
+                port: r.port,
+            })
+            .collect()
+    }
 }
 
 /// A sidecar serving one sandbox cgroup. Dropping it stops serving but
@@ -69,9 +97,14 @@ impl KernelOptions {
 /// them.
 pub struct Sidecar {
     pub attachment: Arc<Attachment>,
-    pub ca: Arc<CertAuthority>,
     pub listen: Vec<SocketAddr>,
     pub info_addr: SocketAddr,
+    live: Arc<LiveRelay>,
+    info: Arc<InfoState>,
+    /// The kernel options from flags (a reload adds the file's rules anew).
+    kernel_flags: KernelOptions,
+    /// The settings in force, to tell a reload what it may not change.
+    settings: Mutex<RelaySettings>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -80,23 +113,14 @@ impl Sidecar {
     /// configuration fails before the programs are attached.
     pub async fn start(
         cgroup: &Path,
-        kernel: &KernelOptions,
+        kernel_flags: &KernelOptions,
         settings: &RelaySettings,
         embedded: Option<Arc<dyn Forward>>,
         on_denial: impl FnMut(Denial) + Send + 'static,
     ) -> Result<Sidecar> {
+        let kernel = kernel_flags.with_file(&settings.file_kernel);
         let ca = settings.load_ca()?;
-        // TLS is TCP: only the TCP rules matter to the relay.
-        let allow_nets: Vec<AllowedNet> = kernel
-            .allow_cidrs
-            .iter()
-            .filter(|r| r.tcp)
-            .map(|r| AllowedNet {
-                net: r.net,
-                port: r.port,
-            })
-            .collect();
-        let relay = settings.build_relay(ca.clone(), allow_nets, embedded)?;
+        let relay = Arc::new(settings.build_relay(ca, kernel.allowed_nets(), embedded)?);
 
         let listeners = bind_all(&kernel.listen).await?;
         let listen: Vec<SocketAddr> = listeners
@@ -110,25 +134,13 @@ impl Sidecar {
             )
         })?;
         let info_addr = info_listener.local_addr()?;
-        // The info port is the one loopback destination the sandbox may reach.
-        let info_rule = AllowRule {
-            net: IpNet::from(info_addr.ip()),
-            port: Some(info_addr.port()),
-            tcp: true,
-            udp: false,
-        };
-        let policy = kernel.policy(&listen, &[info_rule])?;
-        // Checked against everything the sandbox may dial (the info port
-        // and DNS included), and bound, before anything is attached.
+        let policy = sandbox_policy(&kernel, &listen, info_addr, settings)?;
+        // Bound before anything is attached.
         let metrics_listener = match settings.metrics_listen {
             None => None,
-            Some(addr) => {
-                relay::metrics::check_unreachable(addr, &policy.allowed)
-                    .map_err(anyhow::Error::msg)?;
-                Some(TcpListener::bind(addr).await.with_context(|| {
-                    format!("listening on {addr} for Prometheus (--metrics-listen)")
-                })?)
-            }
+            Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("listening on {addr} for Prometheus (--metrics-listen)")
+            })?),
         };
         let sandbox_cgroup_id = cgroup::cgroup_id(cgroup)?;
         let attachment = Arc::new(Attachment::attach(cgroup, &policy)?);
@@ -144,21 +156,20 @@ impl Sidecar {
             move || unix_metrics.denied(relay::metrics::Denial::Unix),
         );
 
-        let allowed: Vec<String> = policy.allowed.iter().map(ToString::to_string).collect();
-        let state = Arc::new(InfoState {
-            ca_pem: ca.ca_pem().to_string(),
-            policy: relay.summary(&allowed),
-            stats: Some(relay.clone()),
-            kernel: Some(attachment.clone()),
-        });
+        let live = LiveRelay::new(relay.clone());
+        let info = InfoState::new(
+            published(&relay, &policy),
+            Some(live.clone()),
+            Some(attachment.clone()),
+        );
         let mut tasks = vec![
-            tokio::spawn(info::serve(info_listener, state)),
+            tokio::spawn(info::serve(info_listener, info.clone())),
             crate::logbudget::refusals().spawn_summaries(),
             crate::memory::spawn_trimmer(),
         ];
         if let Some(l) = metrics_listener {
             tracing::info!(addr = %l.local_addr()?, "serving Prometheus metrics on /metrics");
-            tasks.push(tokio::spawn(relay::metrics::serve(l, relay.clone())));
+            tasks.push(tokio::spawn(relay::metrics::serve(l, live.clone())));
         }
         let redirections = SandboxRedirections {
             attachment: attachment.clone(),
@@ -168,17 +179,79 @@ impl Sidecar {
         for listener in listeners {
             tasks.push(tokio::spawn(relay::serve(
                 listener,
-                relay.clone(),
+                live.clone(),
                 redirections.clone(),
             )));
         }
         tracing::info!(listen = ?listen, info = %info_addr, cgroup = %cgroup.display(), "proxypilot is serving the sandbox");
         Ok(Sidecar {
             attachment,
-            ca,
             listen,
             info_addr,
+            live,
+            info,
+            kernel_flags: kernel_flags.clone(),
+            settings: Mutex::new(settings.clone()),
             tasks,
+        })
+    }
+
+    /// The CA the sandbox must trust now.
+    pub fn ca(&self) -> Arc<CertAuthority> {
+        self.live.get().ca().clone()
+    }
+
+    /// Puts `settings` (re-read from the flags, the config file and the
+    /// secrets' variables) in force: new connections and every new request
+    /// get the new targets, permits, limits and allow lists, and the kernel
+    /// maps are updated in place. Connections already open stay open.
+    ///
+    /// All or nothing: if anything in `settings` is refused, nothing
+    /// changes and the error says what to fix. The CA is re-issued (and
+    /// `--ca-out` rewritten) only when the intercepted hosts change.
+    /// `load` reads the configuration anew; a failure there is a refused
+    /// reload too (and counted as one).
+    pub fn reload(
+        &self,
+        load: impl FnOnce() -> Result<(RelaySettings, Option<Arc<dyn Forward>>)>,
+    ) -> Result<ReloadSummary> {
+        let result = load().and_then(|(settings, embedded)| self.try_reload(&settings, embedded));
+        self.live.get().metrics().reloaded(result.is_ok());
+        result
+    }
+
+    fn try_reload(
+        &self,
+        settings: &RelaySettings,
+        embedded: Option<Arc<dyn Forward>>,
+    ) -> Result<ReloadSummary> {
+        let mut in_force = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        needs_no_restart(&in_force, settings)?;
+        let kernel = self.kernel_flags.with_file(&settings.file_kernel);
+        let policy = sandbox_policy(&kernel, &self.listen, self.info_addr, settings)?;
+        let old = self.live.get();
+        let hosts = settings.intercepted_hosts();
+        let ca_reissued = old.ca().hosts() != hosts.as_slice();
+        let ca = if ca_reissued {
+            // Validate against a throwaway CA first: a refused reload must
+            // not replace the CA on disk (or the sandbox's --ca-out copy).
+            let probe = Arc::new(CertAuthority::ephemeral(&hosts)?);
+            settings.build_relay(probe, kernel.allowed_nets(), embedded.clone())?;
+            settings.load_ca()?
+        } else {
+            old.ca().clone()
+        };
+        let relay = settings.build_relay(ca, kernel.allowed_nets(), embedded)?;
+        let relay = Arc::new(relay.inheriting(&old));
+        self.attachment
+            .set_policy(&policy)
+            .context("updating the kernel allowlist")?;
+        self.live.replace(relay.clone());
+        self.info.publish(published(&relay, &policy));
+        *in_force = settings.clone();
+        Ok(ReloadSummary {
+            intercepted_hosts: hosts,
+            ca_reissued,
         })
     }
 
@@ -188,6 +261,67 @@ impl Sidecar {
             t.abort();
         }
         self.attachment.detach()
+    }
+}
+
+/// What a reload changed, for its log line.
+#[derive(Debug)]
+pub struct ReloadSummary {
+    pub intercepted_hosts: Vec<String>,
+    /// The sandbox must fetch the new CA (`/ca.pem` or `--ca-out`).
+    pub ca_reissued: bool,
+}
+
+/// Refuses a reload that changes what only a restart can: listeners that
+/// are bound, and the CA's home.
+fn needs_no_restart(in_force: &RelaySettings, new: &RelaySettings) -> Result<()> {
+    let mut changed = Vec::new();
+    if in_force.info_port != new.info_port {
+        changed.push("info-port");
+    }
+    if in_force.metrics_listen != new.metrics_listen {
+        changed.push("metrics-listen");
+    }
+    if in_force.state_dir != new.state_dir {
+        changed.push("state-dir");
+    }
+    anyhow::ensure!(
+        changed.is_empty(),
+        "{} cannot change while proxypilot runs: restore the value in force, or restart proxypilot",
+        changed.join(", ")
+    );
+    Ok(())
+}
+
+/// The kernel policy for `kernel`, with the info port (the one loopback
+/// destination the sandbox may reach), checked against the metrics address.
+fn sandbox_policy(
+    kernel: &KernelOptions,
+    listen: &[SocketAddr],
+    info_addr: SocketAddr,
+    settings: &RelaySettings,
+) -> Result<KernelPolicy> {
+    let info_rule = AllowRule {
+        net: IpNet::from(info_addr.ip()),
+        port: Some(info_addr.port()),
+        tcp: true,
+        udp: false,
+    };
+    let policy = kernel.policy(listen, &[info_rule])?;
+    // Checked against everything the sandbox may dial (the info port and
+    // DNS included).
+    if let Some(addr) = settings.metrics_listen {
+        relay::metrics::check_unreachable(addr, &policy.allowed).map_err(anyhow::Error::msg)?;
+    }
+    Ok(policy)
+}
+
+/// What `/ca.pem` and `/policy` serve for `relay` under `policy`.
+fn published(relay: &Relay, policy: &KernelPolicy) -> Published {
+    let allowed: Vec<String> = policy.allowed.iter().map(ToString::to_string).collect();
+    Published {
+        ca_pem: relay.ca().ca_pem().to_string(),
+        policy: relay.summary(&allowed),
     }
 }
 

@@ -15,6 +15,7 @@ mod harness;
 mod kernel;
 mod metrics;
 mod relay;
+mod reload;
 mod rules;
 mod run;
 mod unix_sockets;

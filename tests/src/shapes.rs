@@ -84,6 +84,19 @@ impl FlyShape {
     /// (remote mode) and the sidecar, and waits until both are ready.
     /// `extra` goes on the sidecar's command line.
     pub fn start(net: &FakeInternet, name: &str, mode: Tokenizer, extra: &[&str]) -> FlyShape {
+        FlyShape::start_with_targets(net, name, mode, extra, &[ANTHROPIC, OPENAI, GITHUB])
+    }
+
+    /// As [`FlyShape::start`], with `--target` flags for `flag_targets`
+    /// only (the sealed secrets of all three are in the environment, for a
+    /// config file to name).
+    pub fn start_with_targets(
+        net: &FakeInternet,
+        name: &str,
+        mode: Tokenizer,
+        extra: &[&str],
+        flag_targets: &[&str],
+    ) -> FlyShape {
         let dir = net.dir.0.join(format!("fly-{name}"));
         fs::create_dir_all(&dir).unwrap();
         let open_key = dir.join("open.key");
@@ -142,10 +155,10 @@ impl FlyShape {
             .arg(&ready)
             .args(extra);
         for (host, var, value) in &sealed {
-            sidecar = sidecar
-                .env(var, value)
-                .arg("--target")
-                .arg(format!("{host}={var}"));
+            sidecar = sidecar.env(var, value);
+            if flag_targets.contains(host) {
+                sidecar = sidecar.arg("--target").arg(format!("{host}={var}"));
+            }
         }
         sidecar = match mode {
             Tokenizer::Remote => {

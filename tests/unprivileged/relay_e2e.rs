@@ -166,7 +166,7 @@ async fn env(opts: Opts) -> Env {
     });
     tokio::spawn(relay::serve(
         listener,
-        relay.clone(),
+        relay::LiveRelay::new(relay.clone()),
         StandInKernel { record },
     ));
     Env {

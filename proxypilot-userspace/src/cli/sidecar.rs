@@ -9,6 +9,30 @@ use clap::Args;
 use super::kernel_args::{CgroupArg, KernelArgs};
 use crate::{settings::RelayArgs, sidecar::Sidecar};
 
+/// SIGHUP: re-reads the flags' config file and the secrets' variables and
+/// files, and puts them in force, or logs why not and keeps what runs.
+fn reload(sidecar: &Sidecar, args: &RelayArgs) {
+    let attempt = sidecar.reload(|| {
+        let settings = args.resolve()?;
+        let embedded = crate::relay::embedded::from_settings(&settings)?;
+        Ok((settings, embedded))
+    });
+    match attempt {
+        Ok(done) if done.ca_reissued => tracing::warn!(
+            intercepted = ?done.intercepted_hosts,
+            "reloaded the configuration (SIGHUP); the intercepted hosts changed, so the CA was \
+             re-issued: the sandbox must trust the new /ca.pem for new connections"
+        ),
+        Ok(done) => tracing::info!(
+            intercepted = ?done.intercepted_hosts,
+            "reloaded the configuration (SIGHUP)"
+        ),
+        Err(e) => {
+            tracing::error!("reload refused (SIGHUP); the configuration in force stays: {e:#}")
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct SidecarArgs {
     #[command(flatten)]
@@ -67,13 +91,23 @@ pub async fn run(args: SidecarArgs) -> Result<ExitCode> {
         },
     )
     .await?;
+    // Before the ready file: a SIGHUP from then on reloads, never kills.
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP (reload) handler")?;
     if let Some(path) = &args.ready_file {
         std::fs::write(path, format!("{}\n", std::process::id()))
             .with_context(|| format!("writing ready file {}", path.display()))?;
     }
     tracing::info!("proxypilot sidecar ready");
 
-    super::shutdown_signal().await;
+    let shutdown = super::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = hangups.recv() => reload(&sidecar, &args.relay),
+        }
+    }
     tracing::info!(
         "stopping; the programs stay attached so the sandbox stays closed \
          (`proxypilot detach --cgroup {}` removes them)",

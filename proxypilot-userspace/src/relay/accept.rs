@@ -9,14 +9,15 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::metrics::Denial;
-use super::{redirected, Redirections, Relay};
+use super::{redirected, LiveRelay, Redirections};
 use crate::logbudget::refusals;
 
 /// Accepts forever on `listener` (the port the kernel redirects to),
 /// handling each connection on its own task. Only connections that
 /// `redirections` has a kernel record for are served; any other is closed
-/// at once, before its ClientHello is read, and logged with its peer.
-pub async fn serve(listener: TcpListener, relay: Arc<Relay>, redirections: impl Redirections) {
+/// at once, before its ClientHello is read, and logged with its peer. Each
+/// connection is handled by the relay live when it was accepted.
+pub async fn serve(listener: TcpListener, live: Arc<LiveRelay>, redirections: impl Redirections) {
     // One spare descriptor, given up when the process runs out of them
     // (EMFILE/ENFILE) so the waiting connection can be accepted and closed
     // at once: without it, connections queued in the backlog would sit there
@@ -24,7 +25,9 @@ pub async fn serve(listener: TcpListener, relay: Arc<Relay>, redirections: impl 
     // the fd-exhaustion fault test (tests/e2e/faults.rs).
     let mut reserve = std::fs::File::open("/dev/null").ok();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = listener.accept().await;
+        let relay = live.get();
+        let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) if is_out_of_fds(&e) && reserve.is_some() => {
                 drop(reserve.take());
@@ -73,9 +76,9 @@ pub async fn serve(listener: TcpListener, relay: Arc<Relay>, redirections: impl 
                 continue;
             }
         };
-        let relay = relay.clone();
+        let live = live.clone();
         tokio::spawn(async move {
-            relay.handle_connection(stream, peer, origin).await;
+            relay.handle_connection(live, stream, peer, origin).await;
             drop(permit);
         });
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 
-use super::{passthrough, Relay};
+use super::{passthrough, LiveRelay, Relay};
 use crate::kernel::origin::OriginalDestination;
 use crate::policy::Verdict;
 use crate::tls::hello::read_client_hello;
@@ -15,9 +15,11 @@ impl Relay {
     /// Handles one accepted connection to the end. Never panics on bad
     /// input; every decision and failure is logged with its reason.
     /// `origin` is the kernel's record of the redirect: a connection without
-    /// one never gets here (see [`serve`]).
+    /// one never gets here (see [`serve`]). `live` is where each of its
+    /// requests finds the relay live when it arrives (see [`LiveRelay`]).
     pub async fn handle_connection(
         self: Arc<Self>,
+        live: Arc<LiveRelay>,
         mut stream: TcpStream,
         peer: SocketAddr,
         origin: OriginalDestination,
@@ -56,14 +58,18 @@ impl Relay {
                 .await
                 {
                     Ok((up, down)) => {
+                        self.metrics.passed_through(Some((up, down)));
                         tracing::debug!(%peer, ?sni, up, down, "pass-through finished")
                     }
-                    Err(e) => tracing::warn!(%peer, ?sni, error = %e, "pass-through failed"),
+                    Err(e) => {
+                        self.metrics.passed_through(None);
+                        tracing::warn!(%peer, ?sni, error = %e, "pass-through failed")
+                    }
                 }
             }
             Verdict::Intercept { host, secret_name } => {
                 tracing::info!(%peer, pid, comm, %dst, sni = %host, verdict = "intercept", reason = "host has a sealed secret", secret = %secret_name, "terminating TLS");
-                self.handshake(stream, hello.raw, host, secret_name, origin, deadline)
+                self.handshake(live, stream, hello.raw, host, secret_name, origin, deadline)
                     .await;
             }
         }

@@ -46,6 +46,9 @@ pub enum RelayError {
     Misdirected { host: String, sni: String },
     #[error("the request has no Host header or :authority")]
     MissingHost,
+    /// A reload took the connection's host out of the intercepted ones.
+    #[error("{host} is no longer intercepted (the configuration was reloaded)")]
+    NoLongerIntercepted { host: String },
     #[error("bad request: {0}")]
     BadRequest(String),
     /// One header line over [`super::http::MAX_HEADER_FIELD`] bytes.
@@ -93,6 +96,10 @@ impl From<&RelayError> for ErrorResponse {
             RelayError::Misdirected { sni, .. } => (
                 StatusCode::MISDIRECTED_REQUEST,
                 format!("send requests on this connection for {sni} only; open a new connection for another host"),
+            ),
+            RelayError::NoLongerIntercepted { .. } => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "proxypilot's configuration no longer has a secret for this host; a new connection gets what the current configuration allows".into(),
             ),
             RelayError::MissingHost => (
                 StatusCode::BAD_REQUEST,
@@ -201,6 +208,12 @@ mod tests {
                 421,
             ),
             (RelayError::MissingHost, 400),
+            (
+                RelayError::NoLongerIntercepted {
+                    host: "api.x.com".into(),
+                },
+                421,
+            ),
             (
                 RelayError::HeaderFieldTooLarge {
                     name: "x-big".into(),

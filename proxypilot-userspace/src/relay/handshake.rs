@@ -7,14 +7,16 @@ use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::{http, Relay};
+use super::{http, LiveRelay, Relay};
 use crate::kernel::origin::OriginalDestination;
 use crate::tls::leaf::FixedCert;
 use crate::tls::rewind::Rewind;
 
 impl Relay {
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn handshake(
         self: Arc<Self>,
+        live: Arc<LiveRelay>,
         stream: TcpStream,
         raw_hello: Bytes,
         host: String,
@@ -49,9 +51,6 @@ impl Relay {
             }
             Ok(Ok(t)) => t,
         };
-        let Some(credential) = self.credentials.get(&host).cloned() else {
-            return; // unreachable: the policy only intercepts hosts with a secret
-        };
         let port = origin.addr.port();
         let audit = Arc::new(crate::audit::ConnectionInfo {
             pid: Some(origin.pid),
@@ -62,9 +61,9 @@ impl Relay {
         });
         let ctx = Arc::new(http::ConnCtx {
             relay: self.clone(),
+            live,
             sni: host,
             secret_name,
-            credential,
             port,
             active: super::body::InFlight::new(),
             audit,

@@ -24,10 +24,14 @@ use crate::hop::{self, HopByHop};
 
 /// What every request on one intercepted connection shares.
 pub(crate) struct ConnCtx {
+    /// The relay that accepted the connection: its timeouts and HTTP
+    /// settings hold for the connection's life.
     pub relay: Arc<Relay>,
+    /// Where each request finds the relay live when it arrives: its
+    /// permits, credential, limits and tokenizer apply to that request.
+    pub live: Arc<super::LiveRelay>,
     pub sni: String,
     pub secret_name: String,
-    pub credential: Arc<super::credentials::Credential>,
     /// The port the client dialled (443 unless another port is intercepted).
     pub port: u16,
     /// Requests whose bodies are not finished yet (idle watchdog).
@@ -97,6 +101,7 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<RelayBody>, Infallible> {
     let upgrade = super::upgrade::ClientUpgrade::take(&mut req);
+    let relay = ctx.live.get();
     let info = RequestInfo {
         conn: ctx.audit.clone(),
         method: req.method().clone(),
@@ -105,9 +110,9 @@ async fn handle(
     let scope = Arc::new(RequestScope::new(
         RequestAudit::new(info),
         ctx.active.clone(),
-        ctx.relay.metrics().clone(),
+        relay.metrics().clone(),
     ));
-    let resp = match relay_request(&ctx, req, upgrade, &scope).await {
+    let resp = match relay_request(&ctx, &relay, req, upgrade, &scope).await {
         Ok(resp) => {
             if let Some(r) = resp
                 .extensions()
@@ -119,7 +124,7 @@ async fn handle(
         }
         Err(e) => {
             tracing::warn!(sni = %ctx.sni, secret = %ctx.secret_name, error = %e, "request not relayed");
-            ctx.relay.metrics().relay_error(&e);
+            relay.metrics().relay_error(&e);
             error_response(&e)
         }
     };
@@ -132,40 +137,46 @@ async fn handle(
     }))
 }
 
-/// One request: admitted, turned into the upstream (tokenizer) request,
-/// forwarded, and its response made ready for the client.
+/// One request, under `relay` (the live one): admitted, turned into the
+/// upstream (tokenizer) request, forwarded, and its response made ready
+/// for the client.
 async fn relay_request(
     ctx: &ConnCtx,
+    relay: &Relay,
     req: Request<Incoming>,
     upgrade: Option<super::upgrade::ClientUpgrade>,
     scope: &Arc<RequestScope>,
 ) -> Result<Response<RelayBody>, RelayError> {
+    let credential =
+        relay
+            .credentials
+            .get(&ctx.sni)
+            .ok_or_else(|| RelayError::NoLongerIntercepted {
+                host: ctx.sni.clone(),
+            })?;
     let (parts, body) = req.into_parts();
-    let uri = admit(ctx, &parts, &body, &scope.audit)?;
-    let (mut out, over_cap) = upstream_request(ctx, parts, body, uri, scope)?;
+    let uri = admit(ctx, relay, &parts, &body, &scope.audit)?;
+    let (mut out, over_cap) = upstream_request(relay, credential, parts, body, uri, scope)?;
     if upgrade.is_some() {
         crate::tokenizer::upgrade::set_upgrade_headers(out.headers_mut());
     }
     let asked = Instant::now();
-    let forwarded = ctx
-        .relay
-        .forwarder
-        .forward(out, ctx.relay.limits.response_timeout);
+    let forwarded = relay.forwarder.forward(out, relay.limits.response_timeout);
     let resp = forwarded.await.map_err(|e| {
         // The forwarder failed because our body ended in an error: say why.
-        match (ctx.relay.limits.max_request_body, &over_cap) {
+        match (relay.limits.max_request_body, &over_cap) {
             (Some(limit), Some(t)) if t.load(Ordering::SeqCst) => {
                 RelayError::BodyTooLarge { limit }
             }
             _ => e.into(),
         }
     })?;
-    ctx.relay
+    relay
         .metrics()
         .tokenizer_answered(&ctx.sni, asked.elapsed());
     let resp = downstream_response(resp);
     match upgrade {
-        Some(client) => super::upgrade::answer(ctx, client, resp, scope),
+        Some(client) => super::upgrade::answer(ctx, relay, client, resp, scope),
         None => Ok(resp),
     }
 }
@@ -184,6 +195,7 @@ pub const MAX_HEADER_FIELD: usize = 8 * 1024;
 
 fn admit(
     ctx: &ConnCtx,
+    relay: &Relay,
     parts: &http::request::Parts,
     body: &Incoming,
     audit: &RequestAudit,
@@ -212,22 +224,21 @@ fn admit(
     }
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = tokenizer_uri(&authority, pq)?;
-    let decision = ctx.relay.rules.check(&ctx.sni, &parts.method, uri.path());
+    let decision = relay.rules.check(&ctx.sni, &parts.method, uri.path());
     audit.set_rule_decision(decision.clone());
     if let super::rules::Decision::Refused(r) = decision {
         return Err(RelayError::NotPermitted(r));
     }
     // hyper gives a declared Content-Length (HTTP/1.1 or HTTP/2) as the
     // exact size hint.
-    if let Some(cap) = ctx
-        .relay
+    if let Some(cap) = relay
         .limits
         .max_request_body
         .filter(|&cap| body.size_hint().lower() > cap)
     {
         return Err(RelayError::BodyTooLarge { limit: cap });
     }
-    ctx.relay
+    relay
         .rate
         .acquire(&ctx.sni)
         .map_err(|t| RelayError::RateLimited {
@@ -243,7 +254,8 @@ fn admit(
 /// `fly-src-optin`, identity encoding, and the body counted and capped.
 /// The flag, when the body is capped, says whether the cap tripped.
 fn upstream_request(
-    ctx: &ConnCtx,
+    relay: &Relay,
+    credential: &super::credentials::Credential,
     parts: http::request::Parts,
     body: Incoming,
     uri: http::Uri,
@@ -255,10 +267,10 @@ fn upstream_request(
     let host =
         HeaderValue::from_str(authority).map_err(|e| RelayError::BadRequest(e.to_string()))?;
     headers.insert(header::HOST, host);
-    for value in ctx.credential.tokenizer_headers(&parts.headers) {
+    for value in credential.tokenizer_headers(&parts.headers) {
         headers.append(HeaderName::from_static("proxy-tokenizer"), value);
     }
-    if let Some(auth) = &ctx.relay.proxy_authorization {
+    if let Some(auth) = &relay.proxy_authorization {
         headers.insert(header::PROXY_AUTHORIZATION, auth.clone());
     }
     headers.insert(
@@ -272,7 +284,7 @@ fn upstream_request(
 
     let mut body = body.map_err(|e| Box::new(e) as BoxError).boxed_unsync();
     let mut over_cap = None;
-    if let Some(cap) = ctx.relay.limits.max_request_body {
+    if let Some(cap) = relay.limits.max_request_body {
         let (b, t) = Capped::new(body, cap, scope.clone());
         body = b.boxed_unsync();
         over_cap = Some(t);

@@ -11,8 +11,8 @@
 //! an address the allowlist would let it dial.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
@@ -27,7 +27,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use super::errors::{ForwardError, RelayError};
-use super::Relay;
+use super::{LiveRelay, Relay};
 use crate::audit::RequestAudit;
 use crate::kernel::AllowRule;
 
@@ -57,6 +57,17 @@ struct BytesLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    /// `in`: sandbox → host; `out`: host → sandbox.
+    direction: &'static str,
 }
 
 /// Why something was refused, as the `kind` label of
@@ -99,11 +110,12 @@ impl Denial {
 
 type Histograms = Family<HostLabels, Histogram, fn() -> Histogram>;
 
-/// The relay's metrics; one per [`Relay`].
+/// The relay's metrics: one set per sidecar, carried from relay to relay
+/// across reloads.
 pub struct Metrics {
     registry: Registry,
     /// The intercepted hosts: the only `host` label values besides `other`.
-    hosts: Vec<String>,
+    hosts: RwLock<Vec<String>>,
     requests: Family<RequestLabels, Counter>,
     denials: Family<KindLabels, Counter>,
     upstream_errors: Family<KindLabels, Counter>,
@@ -112,6 +124,11 @@ pub struct Metrics {
     bytes: Family<BytesLabels, Counter>,
     open_connections: Gauge,
     leaf_certificates_cached: Gauge,
+    passthrough: Family<ResultLabels, Counter>,
+    passthrough_bytes: Family<DirectionLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    last_reload_success: Gauge,
+    last_reload_seconds: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -132,7 +149,7 @@ impl Metrics {
     pub fn new(hosts: impl IntoIterator<Item = String>) -> Metrics {
         let mut registry = Registry::with_prefix("proxypilot");
         let m = Metrics {
-            hosts: hosts.into_iter().collect(),
+            hosts: RwLock::new(hosts.into_iter().collect()),
             requests: Family::default(),
             denials: Family::default(),
             upstream_errors: Family::default(),
@@ -141,6 +158,11 @@ impl Metrics {
             bytes: Family::default(),
             open_connections: Gauge::default(),
             leaf_certificates_cached: Gauge::default(),
+            passthrough: Family::default(),
+            passthrough_bytes: Family::default(),
+            reloads: Family::default(),
+            last_reload_success: Gauge::default(),
+            last_reload_seconds: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -183,14 +205,75 @@ impl Metrics {
             "Leaf certificates in the cache",
             m.leaf_certificates_cached.clone(),
         );
+        registry.register(
+            "passthrough_connections",
+            "Pass-through connections (relayed unchanged) that ended, by result: ok, failed",
+            m.passthrough.clone(),
+        );
+        registry.register(
+            "passthrough_bytes",
+            "Bytes relayed unchanged on pass-through connections, by direction \
+             (in: to the host, out: to the sandbox)",
+            m.passthrough_bytes.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Configuration reloads (SIGHUP), by result: ok, refused",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "last_reload_success",
+            "1 if the last reload took effect, 0 if it was refused (1 before any)",
+            m.last_reload_success.clone(),
+        );
+        registry.register(
+            "last_reload_timestamp_seconds",
+            "When the last reload was tried, in Unix seconds (0: never)",
+            m.last_reload_seconds.clone(),
+        );
+        m.last_reload_success.set(1);
         Metrics { registry, ..m }
     }
 
     /// `sni` if it is an intercepted host, else `other`.
     fn host(&self, sni: &str) -> String {
-        match self.hosts.iter().find(|h| *h == sni) {
+        let hosts = self.hosts.read().unwrap_or_else(|p| p.into_inner());
+        match hosts.iter().find(|h| *h == sni) {
             Some(h) => h.clone(),
             None => OTHER.to_string(),
+        }
+    }
+
+    /// The intercepted hosts after a reload. Series of a host no longer
+    /// intercepted stay (counters never go back), and get no new counts.
+    pub fn set_hosts(&self, hosts: impl IntoIterator<Item = String>) {
+        *self.hosts.write().unwrap_or_else(|p| p.into_inner()) = hosts.into_iter().collect();
+    }
+
+    /// Counts a reload that took effect (`ok`) or was refused.
+    pub fn reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "refused" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+        self.last_reload_success.set(i64::from(ok));
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_reload_seconds.set(now as i64);
+    }
+
+    /// Counts a pass-through connection that ended, with the bytes each
+    /// way (`None`: it failed, bytes unknown).
+    pub fn passed_through(&self, bytes: Option<(u64, u64)>) {
+        let result = if bytes.is_some() { "ok" } else { "failed" };
+        self.passthrough
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        if let Some((up, down)) = bytes {
+            for (direction, n) in [("in", up), ("out", down)] {
+                self.passthrough_bytes
+                    .get_or_create(&DirectionLabels { direction })
+                    .inc_by(n);
+            }
         }
     }
 
@@ -212,6 +295,7 @@ impl Metrics {
             RelayError::NotPermitted(_) => self.denied(Denial::Rule),
             RelayError::RateLimited { .. } => self.denied(Denial::Rate),
             RelayError::BodyTooLarge { .. } => self.denied(Denial::Size),
+            RelayError::NoLongerIntercepted { .. } => self.denied(Denial::Sni),
             RelayError::MissingHost | RelayError::BadRequest(_) => {}
             RelayError::HeaderFieldTooLarge { .. } => self.denied(Denial::Size),
             RelayError::Forward(ForwardError::Unreachable { .. }) => upstream("unreachable"),
@@ -304,9 +388,9 @@ pub fn check_unreachable(addr: SocketAddr, allowed: &[AllowRule]) -> Result<(), 
     }
 }
 
-/// Serves `GET /metrics` forever on `listener`.
-pub async fn serve(listener: TcpListener, relay: Arc<Relay>) {
-    crate::local_http::serve(listener, "metrics", move |req| respond(&relay, req)).await
+/// Serves `GET /metrics` forever on `listener`, for the live relay.
+pub async fn serve(listener: TcpListener, live: Arc<LiveRelay>) {
+    crate::local_http::serve(listener, "metrics", move |req| respond(&live.get(), req)).await
 }
 
 fn respond(relay: &Relay, req: &Request<Incoming>) -> Response<Full<Bytes>> {

@@ -23,6 +23,7 @@ pub mod errors;
 pub mod forward;
 pub mod handshake;
 pub mod http;
+pub mod live;
 pub mod metrics;
 pub mod passthrough;
 pub mod ratelimit;
@@ -46,6 +47,7 @@ use hyper_util::server::conn::auto;
 pub use accept::serve;
 pub use errors::{error_response, ForwardError, RelayError};
 pub use forward::{Forward, Forwarder, RemoteTokenizer};
+pub use live::LiveRelay;
 pub use redirected::Redirections;
 
 use self::credentials::Credential;
@@ -129,18 +131,20 @@ pub struct RelayConfig {
     pub leaf_capacity: usize,
 }
 
-/// The relay's shared state: one per sidecar, shared by all connections.
+/// The relay's shared state, shared by all connections. A reload replaces
+/// it with a new one that inherits the connection slots, the metrics and,
+/// while the CA is the same, the leaf cache (see [`Relay::inheriting`]).
 pub struct Relay {
     policy: Policy,
     /// Intercepted host → its sealed secret and credential slots.
     credentials: BTreeMap<String, Arc<Credential>>,
-    leaves: LeafCache,
+    leaves: Arc<LeafCache>,
     tls_base: Arc<rustls::ServerConfig>,
     forwarder: Forwarder,
     proxy_authorization: Option<HeaderValue>,
     limits: Limits,
     rate: ratelimit::RateLimiter,
-    slots: slots::Slots,
+    slots: Arc<slots::Slots>,
     /// Each intercepted host's `--permit`s.
     rules: rules::Rules,
     metrics: Arc<metrics::Metrics>,
@@ -213,17 +217,44 @@ impl Relay {
         Ok(Relay {
             policy,
             credentials,
-            leaves: LeafCache::new(cfg.ca, cfg.leaf_lifetime, cfg.leaf_capacity),
+            leaves: Arc::new(LeafCache::new(cfg.ca, cfg.leaf_lifetime, cfg.leaf_capacity)),
             tls_base: Arc::new(tls),
             forwarder: cfg.forwarder,
             proxy_authorization,
-            slots: slots::Slots::new(limits.max_connections, limits.max_connections_per_process),
+            slots: Arc::new(slots::Slots::new(
+                limits.max_connections,
+                limits.max_connections_per_process,
+            )),
             rate: ratelimit::RateLimiter::new(&limits.rate_limits),
             rules,
             metrics: Arc::new(metrics::Metrics::new(hosts)),
             limits,
             http,
         })
+    }
+
+    /// This relay, built from a reloaded configuration, carrying over what
+    /// must outlive a reload from `old`: the connection slots (resized to
+    /// the new limits, so connections open now still count), the metrics
+    /// (their host labels now the new intercepted hosts) and, when the CA
+    /// did not change, the leaf certificates already minted.
+    pub fn inheriting(mut self, old: &Relay) -> Relay {
+        old.slots.resize(
+            self.limits.max_connections,
+            self.limits.max_connections_per_process,
+        );
+        self.slots = old.slots.clone();
+        old.metrics.set_hosts(self.policy.intercept.keys().cloned());
+        self.metrics = old.metrics.clone();
+        if Arc::ptr_eq(self.leaves.ca(), old.leaves.ca()) {
+            self.leaves = old.leaves.clone();
+        }
+        self
+    }
+
+    /// The CA this relay's leaves are signed by.
+    pub fn ca(&self) -> &Arc<CertAuthority> {
+        self.leaves.ca()
     }
 
     pub fn summary(&self, allowed_destinations: &[String]) -> PolicySummary {

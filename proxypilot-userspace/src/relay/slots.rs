@@ -5,6 +5,7 @@
 //! (issue 21: 4,200 bare connects left a victim 15%).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Why a connection got no slot.
@@ -36,8 +37,8 @@ struct Held {
 /// The relay's connection slots.
 #[derive(Debug)]
 pub struct Slots {
-    max: usize,
-    per_process: usize,
+    max: AtomicUsize,
+    per_process: AtomicUsize,
     held: Arc<Mutex<Held>>,
 }
 
@@ -50,21 +51,32 @@ pub struct Slot {
 
 impl Slots {
     pub fn new(max: usize, per_process: usize) -> Slots {
-        Slots {
-            max: max.max(1),
-            per_process: per_process.clamp(1, max.max(1)),
+        let s = Slots {
+            max: AtomicUsize::new(1),
+            per_process: AtomicUsize::new(1),
             held: Arc::default(),
-        }
+        };
+        s.resize(max, per_process);
+        s
+    }
+
+    /// New caps (a reload). Slots held now stay held; if more are held
+    /// than the new cap, new connections wait for enough to be given back.
+    pub fn resize(&self, max: usize, per_process: usize) {
+        let _held = lock(&self.held);
+        self.max.store(max.max(1), Ordering::Relaxed);
+        self.per_process
+            .store(per_process.clamp(1, max.max(1)), Ordering::Relaxed);
     }
 
     /// A slot for a connection of process `pid`, if one is free to it.
     pub fn try_take(&self, pid: u32) -> Result<Slot, NoSlot> {
         let mut h = lock(&self.held);
-        if h.total >= self.max {
+        if h.total >= self.max.load(Ordering::Relaxed) {
             return Err(NoSlot::Full);
         }
         let mine = h.by_process.entry(pid).or_default();
-        if *mine >= self.per_process {
+        if *mine >= self.per_process.load(Ordering::Relaxed) {
             return Err(NoSlot::ProcessShare);
         }
         *mine += 1;
@@ -81,7 +93,7 @@ impl Slots {
     }
 
     pub fn max(&self) -> usize {
-        self.max
+        self.max.load(Ordering::Relaxed)
     }
 }
 
@@ -133,7 +145,24 @@ mod tests {
 
     #[test]
     fn the_share_is_at_least_one_and_at_most_the_total() {
-        assert_eq!(Slots::new(4, 0).per_process, 1);
-        assert_eq!(Slots::new(4, 100).per_process, 4);
+        let share = |s: Slots| s.per_process.load(Ordering::Relaxed);
+        assert_eq!(share(Slots::new(4, 0)), 1);
+        assert_eq!(share(Slots::new(4, 100)), 4);
+    }
+
+    #[test]
+    fn a_smaller_cap_after_a_reload_keeps_held_slots_and_admits_below_it() {
+        let slots = Slots::new(4, 4);
+        let held: Vec<Slot> = (0..3).map(|_| slots.try_take(1).unwrap()).collect();
+        slots.resize(2, 2);
+        assert_eq!(slots.in_use(), 3, "nothing open is dropped");
+        assert_eq!(slots.try_take(2).unwrap_err(), NoSlot::Full);
+        drop(held);
+        let _a = slots.try_take(1).unwrap();
+        let _b = slots.try_take(1).unwrap();
+        assert_eq!(slots.try_take(1).unwrap_err(), NoSlot::Full);
+        slots.resize(8, 2);
+        assert_eq!(slots.try_take(1).unwrap_err(), NoSlot::ProcessShare);
+        assert!(slots.try_take(2).is_ok());
     }
 }

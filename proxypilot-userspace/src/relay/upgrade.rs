@@ -59,13 +59,14 @@ impl Streams {
 /// for an answer; anything else passes as it is.
 pub(crate) fn answer(
     ctx: &ConnCtx,
+    relay: &super::Relay,
     client: ClientUpgrade,
     mut resp: Response<RelayBody>,
     scope: &Arc<RequestScope>,
 ) -> Result<Response<RelayBody>, RelayError> {
     let status = resp.status();
     if status != StatusCode::SWITCHING_PROTOCOLS {
-        if let (Forwarder::Remote(r), true) = (&ctx.relay.forwarder, status.is_success()) {
+        if let (Forwarder::Remote(r), true) = (&relay.forwarder, status.is_success()) {
             return Err(RelayError::UpgradeNotRelayed {
                 url: r.url().to_string(),
                 status: status.as_u16(),
@@ -74,7 +75,7 @@ pub(crate) fn answer(
         return Ok(resp);
     }
     let counts = Arc::new(SpliceCounts::default());
-    let idle = ctx.relay.limits.stream_idle_timeout;
+    let idle = relay.limits.stream_idle_timeout;
     let splice = shared::splice_after_101(client.0, &mut resp, idle, counts.clone());
     let scope = scope.clone();
     let task = tokio::spawn(async move {

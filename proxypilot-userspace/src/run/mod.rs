@@ -124,7 +124,10 @@ pub async fn run(opts: RunOptions) -> Result<ExitCode> {
         },
     )
     .await?;
-    let bundle = trust::write_bundle(&cleanup.dirs.as_ref().unwrap().public, sidecar.ca.ca_pem())?;
+    let bundle = trust::write_bundle(
+        &cleanup.dirs.as_ref().unwrap().public,
+        sidecar.ca().ca_pem(),
+    )?;
     cleanup.sidecar = Some(sidecar);
 
     check_reachable(&identity, &bundle)?;
@@ -329,6 +332,7 @@ fn embedded_settings(
         info_port: 0,
         metrics_listen: opts.metrics_listen,
         limits,
+        file_kernel: Default::default(),
     };
     Ok((settings, Some(embedded)))
 }
