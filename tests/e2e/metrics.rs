@@ -12,15 +12,24 @@ use std::{
 
 use proxypilot_tests::{
     shapes::{FlyShape, Tokenizer},
-    upstream::FakeInternet,
+    upstream::{self, Api, FakeInternet, HostSpec, RealKeys},
     *,
 };
 use serde_json::Value;
 
 const METRICS: &str = "127.0.0.1:19464";
+/// An `--allow` host: relayed unchanged, counted without its name.
+const PASS_HOST: &str = "passthrough.test";
 
 /// Names only the sandbox chose: none may show up as a label value.
-const SANDBOX_CHOSEN: &[&str] = &["PROPFIND", "evil-host.example", "sandbox-sni.example"];
+/// (A pass-through host is configured, but which one a connection went to
+/// is the sandbox's choice too.)
+const SANDBOX_CHOSEN: &[&str] = &[
+    "PROPFIND",
+    "evil-host.example",
+    "sandbox-sni.example",
+    "passthrough.test",
+];
 
 /// `GET /metrics`, parsed: one `{name, labels, value}` per sample.
 fn scrape() -> Vec<Value> {
@@ -92,7 +101,13 @@ fn curl(net: &FakeInternet, fly: &FlyShape, args: &[&str]) -> String {
 #[test]
 fn metrics_count_what_the_sandbox_did_with_bounded_labels_and_stay_out_of_its_reach() {
     require_root!();
-    let net = FakeInternet::start();
+    let mut hosts = upstream::standard_hosts();
+    hosts.push(HostSpec::new(
+        PASS_HOST,
+        Api::Generic,
+        &["203.0.113.14:443"],
+    ));
+    let net = FakeInternet::start_with(RealKeys::default(), hosts, &[]);
     let fly = FlyShape::start(
         &net,
         "metrics",
@@ -104,7 +119,15 @@ fn metrics_count_what_the_sandbox_did_with_bounded_labels_and_stay_out_of_its_re
             "api.github.com GET /user",
             "--max-connections-per-process",
             "1",
+            "--allow",
+            PASS_HOST,
         ],
+    );
+    // Pass-through: the fake's own certificate, which the sandbox does not
+    // trust (-k: only the bytes are counted here).
+    assert_eq!(
+        curl(&net, &fly, &["-k", &format!("https://{PASS_HOST}/echo")]),
+        "200"
     );
     let gh = "https://api.github.com/user";
     let auth = "authorization: token dummy";
@@ -172,7 +195,14 @@ fn metrics_count_what_the_sandbox_did_with_bounded_labels_and_stay_out_of_its_re
         let kernel = value(&s, "proxypilot_denials_total", &[("kind", "kernel")]);
         let done = value(&s, "proxypilot_request_duration_seconds_count", &[]);
         let unix = value(&s, "proxypilot_denials_total", &[("kind", "unix")]);
-        if (kernel >= 2.0 && done >= 5.0 && unix >= 1.0) || Instant::now() > deadline {
+        let passed = value(
+            &s,
+            "proxypilot_passthrough_connections_total",
+            &[("result", "ok")],
+        );
+        if (kernel >= 2.0 && done >= 5.0 && unix >= 1.0 && passed >= 1.0)
+            || Instant::now() > deadline
+        {
             break s;
         }
         thread::sleep(Duration::from_millis(100));
@@ -234,6 +264,25 @@ fn metrics_count_what_the_sandbox_did_with_bounded_labels_and_stay_out_of_its_re
             .any(|s| s["name"] == "proxypilot_open_connections"),
         "{dump}"
     );
+    assert_eq!(
+        value(
+            &samples,
+            "proxypilot_passthrough_connections_total",
+            &[("result", "ok")]
+        ),
+        1.0,
+        "{dump}"
+    );
+    for direction in ["in", "out"] {
+        assert!(
+            value(
+                &samples,
+                "proxypilot_passthrough_bytes_total",
+                &[("direction", direction)]
+            ) > 500.0,
+            "a TLS handshake and a request each way: {dump}"
+        );
+    }
 
     // Every label value is one the sidecar defined.
     let hosts = [
