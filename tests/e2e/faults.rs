@@ -872,6 +872,43 @@ fn http2_slowloris_and_ping_only_connections_are_closed() {
     );
 }
 
+/// A later request's HTTP/2 header block left open (a HEADERS frame
+/// without END_HEADERS, after a first request was served) is cut at
+/// `--header-read-timeout`, far inside the idle timeout (issue 21: the
+/// header deadline held only for the first request).
+#[test]
+fn an_http2_header_block_left_open_is_cut_at_the_header_read_timeout() {
+    require_root!();
+    let net = FakeInternet::start();
+    let fly = FlyShape::start(
+        &net,
+        "h2block",
+        Tokenizer::Embedded,
+        &["--header-read-timeout", "2s", "--idle-timeout", "120s"],
+    );
+    let probe = support_dir().join("h2_probe.py");
+    let out = in_sandbox(
+        &net,
+        &fly,
+        "python3",
+        &[probe.to_str().unwrap(), "open-block", ANTHROPIC],
+    );
+    let v: Value = serde_json::from_slice(out.stdout.trim_ascii())
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(
+        (&v["status"], &v["ended"]),
+        (&Value::from(200), &Value::from(true)),
+        "{v}"
+    );
+    // The probe gives up at 20 s; the idle timeout would take 120 s.
+    assert!(
+        v["closed_after"].as_f64().is_some_and(|t| t < 15.0),
+        "the open header block was not cut: {v}"
+    );
+    let log = fly.log_with(&["header block was not finished"]);
+    assert!(log.contains("header block was not finished"), "{log}");
+}
+
 /// A download the client stops reading is cut after `--stall-timeout`
 /// (issue 21: nothing ended such a stall), which frees its share of the
 /// shared upstream connection and ends the request (its audit line is

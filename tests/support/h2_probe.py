@@ -7,6 +7,10 @@ tests (issue 21). Prints one JSON line.
     h2_probe.py pings HOST     one GET /echo, then a PING every 0.25 s and
                                nothing else; reports the status and when
                                the server closed the connection
+    h2_probe.py open-block HOST  one GET /echo, then the HEADERS frame of a
+                               second request without END_HEADERS, and
+                               nothing more; reports the first status and
+                               when the server closed the connection
 
 The CA comes from SSL_CERT_FILE. Each mode gives up after 20 s
 ("closed_after": null: the server kept the connection open).
@@ -68,6 +72,58 @@ def trickle(host):
     return {"closed_after": round(time.time() - start, 2), "sent": i}
 
 
+def get_echo(sock, conn, host):
+    """One GET /echo on stream 1; returns (status, whether it ended)."""
+    conn.send_headers(
+        1,
+        [
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", host),
+            (":path", "/echo"),
+            ("x-api-key", "dummy"),
+        ],
+        end_stream=True,
+    )
+    sock.sendall(conn.data_to_send())
+    status, ended = None, False
+    deadline = time.time() + 10
+    while not ended and time.time() < deadline:
+        done, data = closed(sock)
+        if done:
+            break
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                status = int(dict(ev.headers)[b":status"])
+            elif isinstance(ev, h2.events.DataReceived):
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded):
+                ended = True
+        sock.sendall(conn.data_to_send())
+    return status, ended
+
+
+def open_block(host):
+    sock = connect(host)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    status, ended = get_echo(sock, conn, host)
+    # A HEADERS frame for stream 3 with neither END_HEADERS nor END_STREAM:
+    # the header block stays open until a CONTINUATION that never comes.
+    block = conn.encoder.encode(
+        [(":method", "GET"), (":scheme", "https"), (":authority", host), (":path", "/echo")]
+    )
+    frame = len(block).to_bytes(3, "big") + bytes([0x1, 0x0]) + (3).to_bytes(4, "big") + block
+    sock.sendall(frame)
+    start = time.time()
+    while time.time() - start < LIMIT:
+        done, _ = closed(sock)
+        if done:
+            return {"status": status, "ended": ended,
+                    "closed_after": round(time.time() - start, 2)}
+    return {"status": status, "ended": ended, "closed_after": None}
+
+
 def pings(host):
     sock = connect(host)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -119,4 +175,5 @@ def pings(host):
 
 if __name__ == "__main__":
     mode, host = sys.argv[1], sys.argv[2]
-    print(json.dumps({"trickle": trickle, "pings": pings}[mode](host)))
+    modes = {"trickle": trickle, "pings": pings, "open-block": open_block}
+    print(json.dumps(modes[mode](host)))

@@ -70,7 +70,8 @@ impl Relay {
             streams: Default::default(),
             stalls: Default::default(),
         });
-        http::serve_http(tls, ctx).await;
+        let (watched, headers) = super::h2_headers::HeaderWatch::new(tls);
+        http::serve_http(watched, ctx, headers).await;
     }
 }
 

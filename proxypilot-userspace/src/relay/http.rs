@@ -46,11 +46,15 @@ pub(crate) struct ConnCtx {
 
 /// Serves HTTP on an established TLS stream until the client is done, an
 /// error occurs, no request arrives within `header_read_timeout` of the
-/// handshake (HTTP/2 too: hyper bounds only HTTP/1.1's headers), or no
+/// handshake (HTTP/2 too: hyper bounds only HTTP/1.1's headers), an HTTP/2
+/// header block stays open that long (`headers`: see `h2_headers`), or no
 /// request is in flight for `idle_timeout`. Bytes that are not requests
 /// (PINGs, SETTINGS, a trickled preface) keep nothing open.
-pub(crate) async fn serve_http<S>(io: S, ctx: Arc<ConnCtx>)
-where
+pub(crate) async fn serve_http<S>(
+    io: S,
+    ctx: Arc<ConnCtx>,
+    headers: Arc<super::h2_headers::OpenHeaderBlock>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let relay = ctx.relay.clone();
@@ -85,7 +89,15 @@ where
                 if late {
                     tracing::debug!(timeout = ?first_request, "no request within the header read timeout; closing");
                 }
-                if late || active.idle_for().is_some_and(|quiet| quiet >= idle) {
+                let stuck = headers.open_for().is_some_and(|open| open >= first_request);
+                if stuck {
+                    const REASON: &str = "an HTTP/2 header block was not finished within the header read timeout";
+                    let (pid, comm) = (this.audit.pid.unwrap_or(0), this.audit.comm.as_deref().unwrap_or(""));
+                    if crate::logbudget::refusals().admit(REASON, pid, comm) {
+                        tracing::warn!(sni = %this.sni, pid, comm, timeout = ?first_request, reason = REASON, "closing connection");
+                    }
+                }
+                if late || stuck || active.idle_for().is_some_and(|quiet| quiet >= idle) {
                     tracing::debug!(?idle, "closing idle intercepted connection");
                     conn.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;

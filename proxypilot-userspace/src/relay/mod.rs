@@ -21,6 +21,7 @@ pub mod detect;
 pub mod embedded;
 pub mod errors;
 pub mod forward;
+pub mod h2_headers;
 pub mod handshake;
 pub mod http;
 pub mod live;
