@@ -449,6 +449,7 @@ pub mod faults_support;
 pub mod loadgen;
 pub mod logs;
 pub mod loopback;
+pub mod peers;
 pub mod sandbox;
 pub mod shapes;
 pub mod testca;

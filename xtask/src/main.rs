@@ -121,26 +121,7 @@ fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn setup() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            !Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-                .unwrap_or(false)
-        })
-        .collect();
-    if missing.is_empty() {
-        eprintln!("xtask: Debian packages already installed");
-    } else {
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
+    install_debian_packages(APT_PACKAGES)?;
 
     let have_linker = Command::new("bpf-linker")
         .arg("--version")
@@ -362,6 +343,43 @@ fn bench(which: &str, quick: bool) -> Result<()> {
     }
 }
 
+/// Installs the Debian packages of `packages` not installed yet. Services
+/// they bring are not started (a policy-rc.d says no for the install):
+/// nginx would otherwise listen on port 80 of this machine.
+fn install_debian_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(false)
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("xtask: Debian packages already installed: {}", packages.join(" "));
+        return Ok(());
+    }
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let own_policy = !policy.exists();
+    if own_policy {
+        std::fs::write(policy, "#!/bin/sh\n# written by cargo xtask for one install\nexit 101\n")?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let installed = run(Command::new("apt-get").arg("update").arg("-q")).and_then(|()| {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    });
+    if own_policy {
+        let _ = std::fs::remove_file(policy);
+    }
+    installed
+}
+
 /// The target directory cargo uses here (CARGO_TARGET_DIR or `target/`).
 fn target_dir(root: &Path) -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
@@ -376,6 +394,8 @@ fn target_dir(root: &Path) -> PathBuf {
 /// for mitmproxy and the chart (full table only), then runs
 /// tests/benches/relay.rs.
 fn bench_relay(root: &Path, which: &str, quick: bool) -> Result<()> {
+    // The peer columns (issue 20).
+    install_debian_packages(&["nginx", "haproxy"])?;
     let target = target_dir(root);
     let out = target.join("bench");
     std::fs::create_dir_all(&out)?;
