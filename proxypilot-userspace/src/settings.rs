@@ -195,8 +195,8 @@ pub enum TokenizerMode {
     Remote {
         url: http::Uri,
     },
-    /// TODO(lead): construct the engine from these and pass it to
-    /// `build_relay` as the embedded forwarder.
+    /// The engine is built from these by `relay::embedded::from_settings`
+    /// and handed to `build_relay` as the embedded forwarder.
     Embedded {
         open_key_file: PathBuf,
         upstream_ca: Vec<PathBuf>,
