@@ -212,8 +212,24 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 fn root_store(cfg: &UpstreamClientConfig) -> anyhow::Result<rustls::RootCertStore> {
+    trust_roots(
+        cfg.system_roots,
+        &cfg.extra_ca_files,
+        &cfg.extra_ca_pem,
+        "--upstream-ca",
+    )
+}
+
+/// The system roots (when `system`) plus the CA certificates in `files`
+/// and `pems`. `flag` names where the extra ones come from, for errors.
+pub fn trust_roots(
+    system: bool,
+    files: &[std::path::PathBuf],
+    pems: &[String],
+    flag: &str,
+) -> anyhow::Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
-    if cfg.system_roots {
+    if system {
         let native = rustls_native_certs::load_native_certs();
         for e in &native.errors {
             tracing::warn!(error = %e, "loading a system CA certificate failed");
@@ -232,17 +248,16 @@ fn root_store(cfg: &UpstreamClientConfig) -> anyhow::Result<rustls::RootCertStor
         }
         Ok(())
     };
-    for f in &cfg.extra_ca_files {
-        let pem = std::fs::read(f)
-            .with_context(|| format!("reading upstream CA file {}", f.display()))?;
-        add_pem(&pem, &format!("upstream CA file {}", f.display()))?;
+    for f in files {
+        let pem = std::fs::read(f).with_context(|| format!("reading {flag} {}", f.display()))?;
+        add_pem(&pem, &format!("{flag} {}", f.display()))?;
     }
-    for (i, pem) in cfg.extra_ca_pem.iter().enumerate() {
-        add_pem(pem.as_bytes(), &format!("upstream CA #{i}"))?;
+    for (i, pem) in pems.iter().enumerate() {
+        add_pem(pem.as_bytes(), &format!("{flag} #{i}"))?;
     }
     anyhow::ensure!(
         !roots.is_empty(),
-        "no trusted CA certificates for upstream TLS: install the system CA bundle or pass --upstream-ca FILE"
+        "no trusted CA certificates: install the system CA bundle or pass {flag} FILE"
     );
     Ok(roots)
 }

@@ -41,10 +41,15 @@ pub struct RelayArgs {
     /// permits allows everything, others get 403.
     #[arg(long = "permit", value_name = "HOST METHOD PATH")]
     pub permits: Vec<String>,
-    /// Tokenizer URL (an HTTP proxy), or `embedded` for the in-process
-    /// engine. Default: $PROXY, else http://tokenizer.flycast:8080.
+    /// Tokenizer URL (an HTTP proxy, reached over plain HTTP or, with
+    /// https://, over TLS), or `embedded` for the in-process engine.
+    /// Default: $PROXY, else http://tokenizer.flycast:8080.
     #[arg(long, value_name = "URL|embedded")]
     pub tokenizer: Option<String>,
+    /// Extra CA (PEM) trusted for an https:// tokenizer, on top of the
+    /// system roots. Repeatable.
+    #[arg(long = "tokenizer-ca", value_name = "FILE")]
+    pub tokenizer_ca: Vec<PathBuf>,
     /// Environment variable holding the token sent as
     /// `Proxy-Authorization: Bearer <token>` (for bearer_auth secrets).
     #[arg(long, value_name = "VAR")]
@@ -194,6 +199,8 @@ pub struct Target {
 pub enum TokenizerMode {
     Remote {
         url: http::Uri,
+        /// `--tokenizer-ca`: extra roots for an https:// tokenizer.
+        ca: Vec<PathBuf>,
     },
     /// The engine is built from these by `relay::embedded::from_settings`
     /// and handed to `build_relay` as the embedded forwarder.
@@ -242,6 +249,7 @@ struct FileConfig {
     /// `allow-unix = ["/run/agent.sock"]`, as the flag (added to it).
     allow_unix: Option<Vec<String>>,
     tokenizer: Option<String>,
+    tokenizer_ca: Option<Vec<PathBuf>>,
     tokenizer_auth_env: Option<String>,
     open_key_file: Option<PathBuf>,
     upstream_ca: Option<Vec<PathBuf>>,
@@ -433,12 +441,27 @@ impl RelayArgs {
             if !upstream_ca.is_empty() {
                 errors.push("--upstream-ca only applies to --tokenizer embedded; a remote tokenizer has its own trust".into());
             }
+            let mut ca = file.tokenizer_ca.clone().unwrap_or_default();
+            ca.extend(self.tokenizer_ca.iter().cloned());
+            for f in &ca {
+                if let Err(e) = check_pem_certs(f) {
+                    errors.push(format!("--tokenizer-ca {}: {e}", f.display()));
+                }
+            }
             match parse_tokenizer_url(&tokenizer_spec) {
-                Ok(url) => TokenizerMode::Remote { url },
+                Ok(url) => {
+                    if !ca.is_empty() && url.scheme_str() != Some("https") {
+                        errors.push(format!(
+                            "--tokenizer-ca only applies to an https:// tokenizer, not {url}"
+                        ));
+                    }
+                    TokenizerMode::Remote { url, ca }
+                }
                 Err(e) => {
                     errors.push(e);
                     TokenizerMode::Remote {
                         url: http::Uri::from_static(DEFAULT_TOKENIZER),
+                        ca,
                     }
                 }
             }
@@ -781,14 +804,14 @@ fn parse_tokenizer_url(s: &str) -> Result<http::Uri, String> {
     let url: http::Uri = s.parse().map_err(|e| {
         format!("--tokenizer {s:?}: not a URL ({e}); use http://host:port or `embedded`")
     })?;
-    if url.scheme_str() != Some("http") || url.host().is_none() {
+    if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
         return Err(format!(
-            "--tokenizer {s:?}: use http://host:port (the tokenizer is a plain HTTP proxy) or `embedded`"
+            "--tokenizer {s:?}: use http://host:port or https://host:port (the tokenizer is an HTTP proxy) or `embedded`"
         ));
     }
     if url.path() != "/" && !url.path().is_empty() {
         return Err(format!(
-            "--tokenizer {s:?}: give no path, just http://host:port"
+            "--tokenizer {s:?}: give no path, just http(s)://host:port"
         ));
     }
     Ok(url)
@@ -866,8 +889,9 @@ impl RelaySettings {
         embedded: Option<Arc<dyn Forward>>,
     ) -> anyhow::Result<Relay> {
         let forwarder = match (&self.tokenizer, embedded) {
-            (TokenizerMode::Remote { url }, _) => Forwarder::Remote(Arc::new(
-                RemoteTokenizer::new(url, self.limits.connect_timeout).map_err(|e| anyhow!(e))?,
+            (TokenizerMode::Remote { url, ca }, _) => Forwarder::Remote(Arc::new(
+                RemoteTokenizer::new(url, ca, self.limits.connect_timeout)
+                    .map_err(|e| anyhow!(e))?,
             )),
             (TokenizerMode::Embedded { .. }, Some(engine)) => Forwarder::Embedded(engine),
             (TokenizerMode::Embedded { .. }, None) => {
@@ -1135,7 +1159,8 @@ mod tests {
         assert_eq!(
             s.tokenizer,
             TokenizerMode::Remote {
-                url: DEFAULT_TOKENIZER.parse().unwrap()
+                url: DEFAULT_TOKENIZER.parse().unwrap(),
+                ca: vec![],
             }
         );
         assert_eq!(s.info_port, DEFAULT_INFO_PORT);
@@ -1161,10 +1186,49 @@ mod tests {
         assert_eq!(
             s.tokenizer,
             TokenizerMode::Remote {
-                url: "http://127.0.0.1:9999".parse().unwrap()
+                url: "http://127.0.0.1:9999".parse().unwrap(),
+                ca: vec![],
             }
         );
         assert_eq!(s.proxy_authorization.unwrap().expose(), "Bearer abc");
+
+        // https:// with its own CA; a CA for a plain-HTTP tokenizer is refused.
+        let ca = std::env::temp_dir().join(format!("pp-tokca-{}.pem", std::process::id()));
+        std::fs::write(&ca, proxypilot_tokenizer_test_ca_pem()).unwrap();
+        let args = RelayArgs {
+            tokenizer: Some("https://tokenizer.example:8443".into()),
+            tokenizer_ca: vec![ca.clone()],
+            ..Default::default()
+        };
+        let s = args.resolve_with(&env_of(&[])).unwrap();
+        assert_eq!(
+            s.tokenizer,
+            TokenizerMode::Remote {
+                url: "https://tokenizer.example:8443".parse().unwrap(),
+                ca: vec![ca.clone()],
+            }
+        );
+        let err = RelayArgs {
+            tokenizer: Some("http://127.0.0.1:9999".into()),
+            tokenizer_ca: vec![ca.clone()],
+            ..Default::default()
+        }
+        .resolve_with(&env_of(&[]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--tokenizer-ca only applies to an https://"),
+            "{err}"
+        );
+        let _ = std::fs::remove_file(&ca);
+    }
+
+    /// A CA certificate, PEM (any will do: only its parsing is checked).
+    fn proxypilot_tokenizer_test_ca_pem() -> String {
+        CertAuthority::ephemeral(&["x.example".to_string()])
+            .unwrap()
+            .ca_pem()
+            .to_string()
     }
 
     #[test]

@@ -364,7 +364,10 @@ fn main() {
     // A small WebSocket frame's round trip on one open stream (issue 17),
     // against the fake Realtime endpoint; the peers here only front the
     // Anthropic host.
-    for c in cols.iter().filter(|c| c.fly.is_some() || c.name == "direct") {
+    for c in cols
+        .iter()
+        .filter(|c| c.fly.is_some() || c.name == "direct")
+    {
         let ws = c.for_openai_websocket(&net);
         if let Some(r) = ws.run(
             &net,
@@ -955,7 +958,9 @@ impl Table {
     fn best_peer(&self, row: &Row) -> Option<(&'static str, f64)> {
         let mut found: Option<(&'static str, f64)> = None;
         for p in PEERS {
-            let Some(&v) = row.values.get(p) else { continue };
+            let Some(&v) = row.values.get(p) else {
+                continue;
+            };
             let better = match found {
                 None => true,
                 Some((_, b)) => match row.better {

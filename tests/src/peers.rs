@@ -36,12 +36,13 @@ impl Peer {
     /// whose CPU and RSS the bench sums.
     pub fn pids(&self) -> Vec<u32> {
         let mut pids = vec![self.child.id()];
-        let children = fs::read_to_string(format!(
-            "/proc/{0}/task/{0}/children",
-            self.child.id()
-        ))
-        .unwrap_or_default();
-        pids.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        let children = fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.child.id()))
+            .unwrap_or_default();
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|p| p.parse::<u32>().ok()),
+        );
         pids
     }
 

@@ -75,6 +75,45 @@ struct Opts {
     allow_cidrs: Vec<AllowedNet>,
     /// The "kernel" has no redirect record for any client.
     unredirected: bool,
+    /// Reach the tokenizer as `https://localhost:PORT` through a TLS front
+    /// with a test-CA certificate; `Some(true)`: with that CA as
+    /// `--tokenizer-ca`, `Some(false)`: trusting the system roots only.
+    tokenizer_tls: Option<bool>,
+}
+
+/// A TLS front for the fake tokenizer (as tokenizer.fly.dev is one):
+/// terminates TLS for `localhost` with a test-CA certificate and pipes
+/// the bytes to `backend`. Returns its address and the CA's PEM file.
+async fn tls_front(
+    upstream: &LoopbackUpstream,
+    backend: SocketAddr,
+) -> (SocketAddr, std::path::PathBuf) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        upstream.ca().server_config(&["localhost"], &[b"http/1.1"]),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut back) = TcpStream::connect(backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut back).await;
+            });
+        }
+    });
+    let ca = std::env::temp_dir().join(format!(
+        "pp-relay-e2e-tokca-{}-{}.pem",
+        std::process::id(),
+        addr.port()
+    ));
+    std::fs::write(&ca, upstream.ca().pem()).unwrap();
+    (addr, ca)
 }
 
 /// The test seam for the kernel's `PEER_ORIGIN` map: every client of the
@@ -127,10 +166,24 @@ async fn env(opts: Opts) -> Env {
 
     let ca = Arc::new(CertAuthority::ephemeral(&[HOST.to_string()]).unwrap());
     let limits = opts.limits.unwrap_or_else(short_limits);
-    let remote = RemoteTokenizer::new(
-        &format!("http://{tok_addr}").parse().unwrap(),
-        limits.connect_timeout,
-    )
+    let remote = match opts.tokenizer_tls {
+        None => RemoteTokenizer::new(
+            &format!("http://{tok_addr}").parse().unwrap(),
+            &[],
+            limits.connect_timeout,
+        ),
+        Some(with_ca) => {
+            let (front, ca) = tls_front(&upstream, tok_addr).await;
+            let ca = if with_ca { vec![ca] } else { vec![] };
+            RemoteTokenizer::new(
+                &format!("https://localhost:{}", front.port())
+                    .parse()
+                    .unwrap(),
+                &ca,
+                limits.connect_timeout,
+            )
+        }
+    }
     .unwrap();
     let relay = Arc::new(
         Relay::new(RelayConfig {
@@ -903,6 +956,48 @@ async fn tokenizer_down_is_502_with_clear_body() {
         "{j}"
     );
     assert!(j["hint"].as_str().unwrap().contains("--tokenizer"), "{j}");
+}
+
+/// `--tokenizer https://…`: the proxy requests go inside TLS to the
+/// tokenizer, verified against `--tokenizer-ca`; without that CA the
+/// tokenizer's certificate is not trusted and the client gets a 502.
+#[tokio::test]
+async fn an_https_tokenizer_is_reached_over_verified_tls() {
+    let e = env(Opts {
+        tokenizer_tls: Some(true),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = e.h1().await;
+    let mut req = get("/echo", &e.host_header());
+    req.headers_mut()
+        .insert("authorization", "Bearer dummy".parse().unwrap());
+    let resp = c.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let j = json_body(resp).await;
+    assert_eq!(
+        j["headers"]["authorization"],
+        format!("Bearer {REAL_SECRET}")
+    );
+    assert_eq!(
+        e.tokenizer.seen()[0].proxy_tokenizer.as_deref(),
+        Some(SEALED)
+    );
+
+    let untrusted = env(Opts {
+        tokenizer_tls: Some(false),
+        ..Opts::default()
+    })
+    .await;
+    let mut c = untrusted.h1().await;
+    let resp = c.send_request(get("/echo", HOST)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let j = json_body(resp).await;
+    assert!(
+        j["error"].as_str().unwrap().contains("https://localhost:"),
+        "{j}"
+    );
+    assert!(untrusted.tokenizer.seen().is_empty(), "nothing reached it");
 }
 
 #[tokio::test]

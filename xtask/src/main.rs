@@ -359,13 +359,19 @@ fn install_debian_packages(packages: &[&str]) -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        eprintln!("xtask: Debian packages already installed: {}", packages.join(" "));
+        eprintln!(
+            "xtask: Debian packages already installed: {}",
+            packages.join(" ")
+        );
         return Ok(());
     }
     let policy = Path::new("/usr/sbin/policy-rc.d");
     let own_policy = !policy.exists();
     if own_policy {
-        std::fs::write(policy, "#!/bin/sh\n# written by cargo xtask for one install\nexit 101\n")?;
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# written by cargo xtask for one install\nexit 101\n",
+        )?;
         std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     }
     let installed = run(Command::new("apt-get").arg("update").arg("-q")).and_then(|()| {

@@ -67,7 +67,7 @@ pub async fn run(args: SidecarArgs) -> Result<ExitCode> {
             settings.targets.len(),
             settings.allow.len(),
             match &settings.tokenizer {
-                crate::settings::TokenizerMode::Remote { url } => url.to_string(),
+                crate::settings::TokenizerMode::Remote { url, .. } => url.to_string(),
                 crate::settings::TokenizerMode::Embedded { .. } => "embedded".to_string(),
             }
         );

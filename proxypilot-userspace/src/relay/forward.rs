@@ -18,7 +18,10 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use super::errors::ForwardError;
 use super::RelayBody;
@@ -80,7 +83,10 @@ impl Forwarder {
 
 /// A remote tokenizer reached as an HTTP proxy over pooled keep-alive
 /// HTTP/1.1 connections (the Go tokenizer answers `Connection: close`, in
-/// which case the pool simply does not reuse the connection).
+/// which case the pool simply does not reuse the connection). With an
+/// https:// URL each connection is TLS, verified against the system roots
+/// plus `--tokenizer-ca`, and the proxy requests go inside it (as to
+/// tokenizer.fly.dev).
 pub struct RemoteTokenizer {
     url: String,
     client: Client<TokenizerConnector, RelayBody>,
@@ -88,12 +94,19 @@ pub struct RemoteTokenizer {
 }
 
 impl RemoteTokenizer {
-    /// `url` is `http://host:port` (default port 80). `connect_timeout`
-    /// bounds dialing.
-    pub fn new(url: &Uri, connect_timeout: Duration) -> Result<Self, TokenizerUrlError> {
-        if url.scheme_str() != Some("http") {
-            return Err(TokenizerUrlError::NotHttp(url.to_string()));
-        }
+    /// `url` is `http://host:port` (default port 80) or `https://host:port`
+    /// (default 443; `ca` are extra roots for it). `connect_timeout` bounds
+    /// dialing and, for https, the TLS handshake.
+    pub fn new(
+        url: &Uri,
+        ca: &[std::path::PathBuf],
+        connect_timeout: Duration,
+    ) -> Result<Self, TokenizerUrlError> {
+        let https = match url.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(TokenizerUrlError::NotHttp(url.to_string())),
+        };
         let host = url
             .host()
             .ok_or_else(|| TokenizerUrlError::NoHost(url.to_string()))?;
@@ -101,18 +114,39 @@ impl RemoteTokenizer {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .to_string();
-        let port = url.port_u16().unwrap_or(80);
+        let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tls = if https {
+            let roots = proxypilot_tokenizer::client::trust_roots(true, ca, &[], "--tokenizer-ca")
+                .map_err(|e| TokenizerUrlError::Tls(format!("{e:#}")))?;
+            let mut cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| TokenizerUrlError::Tls(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            // The tokenizer protocol is HTTP/1.1.
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let name = ServerName::try_from(host.clone())
+                .map_err(|e| TokenizerUrlError::Tls(format!("{host}: {e}")))?;
+            Some((TlsConnector::from(Arc::new(cfg)), name))
+        } else {
+            None
+        };
         let connector = TokenizerConnector {
             host: Arc::from(host.as_str()),
             port,
             connect_timeout,
+            tls,
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .build(connector);
         Ok(RemoteTokenizer {
-            url: format!("http://{}:{port}", url.host().unwrap_or_default()),
+            url: format!(
+                "{}://{}:{port}",
+                if https { "https" } else { "http" },
+                url.host().unwrap_or_default()
+            ),
             client,
             connect_timeout,
         })
@@ -162,10 +196,14 @@ fn classify_client_error(
 /// A `--tokenizer` URL the relay cannot use.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerUrlError {
-    #[error("tokenizer URL {0} must start with http:// (the tokenizer is a plain HTTP proxy)")]
+    #[error(
+        "tokenizer URL {0} must start with http:// or https:// (the tokenizer is an HTTP proxy)"
+    )]
     NotHttp(String),
     #[error("tokenizer URL {0} has no host")]
     NoHost(String),
+    #[error("cannot set up TLS to the tokenizer: {0}")]
+    Tls(String),
 }
 
 fn io_kind(e: &(dyn std::error::Error + 'static)) -> Option<io::ErrorKind> {
@@ -186,6 +224,8 @@ pub struct TokenizerConnector {
     host: Arc<str>,
     port: u16,
     connect_timeout: Duration,
+    /// For an https:// tokenizer: TLS, and the name its certificate has.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
 }
 
 impl tower_service::Service<Uri> for TokenizerConnector {
@@ -199,23 +239,38 @@ impl tower_service::Service<Uri> for TokenizerConnector {
 
     fn call(&mut self, _dst: Uri) -> Self::Future {
         let (host, port, limit) = (self.host.clone(), self.port, self.connect_timeout);
+        let tls = self.tls.clone();
         Box::pin(async move {
-            let stream = tokio::time::timeout(limit, TcpStream::connect((&*host, port)))
+            let timed_out = || {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting took longer than {limit:?}"),
+                )
+            };
+            let deadline = tokio::time::Instant::now() + limit;
+            let stream = tokio::time::timeout_at(deadline, TcpStream::connect((&*host, port)))
                 .await
-                .map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("connecting took longer than {limit:?}"),
-                    )
-                })??;
+                .map_err(|_| timed_out())??;
             let _ = stream.set_nodelay(true);
-            Ok(ProxiedIo(TokioIo::new(stream)))
+            let io: Box<dyn TokenizerStream> = match tls {
+                None => Box::new(stream),
+                Some((connector, name)) => Box::new(
+                    tokio::time::timeout_at(deadline, connector.connect(name, stream))
+                        .await
+                        .map_err(|_| timed_out())??,
+                ),
+            };
+            Ok(ProxiedIo(TokioIo::new(io)))
         })
     }
 }
 
-/// A TCP connection to the tokenizer, marked as a proxy connection.
-pub struct ProxiedIo(TokioIo<TcpStream>);
+/// A connection to the tokenizer: TCP, or TLS over TCP.
+trait TokenizerStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> TokenizerStream for T {}
+
+/// A connection to the tokenizer, marked as a proxy connection.
+pub struct ProxiedIo(TokioIo<Box<dyn TokenizerStream>>);
 
 impl Connection for ProxiedIo {
     fn connected(&self) -> Connected {
