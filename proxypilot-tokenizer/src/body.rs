@@ -20,8 +20,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type the front doors forward.
 pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// Bodies larger than this are not buffered for an HMAC (Go's
-/// MaxBodySizeForInjection).
+/// Bodies larger than this are not buffered for an HMAC. Our own bound:
+/// Go's tokenizer buffers the whole body, however large, and has no such
+/// constant.
 pub const MAX_HMAC_BODY: usize = 10 * 1024 * 1024;
 
 /// What remains to do to the body after [`super::Engine::apply`].
