@@ -228,6 +228,16 @@ async fn refusals() {
     let (s, _, b) = c2.send(req).await;
     assert_eq!(s, 400);
     assert!(b.contains("CONNECT to port 443 is refused"), "{b}");
+    // CONNECT to another port: Go's tokenizer tunnels it; ours refuses it
+    // (documented in the README), and nothing is dialled.
+    let mut c3 = ProxyConn::connect(tk.addr).await;
+    let req = Request::connect(format!("{UPSTREAM_HOST}:8443"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (s, _, b) = c3.send(req).await;
+    assert_eq!(s, 400);
+    assert!(b.contains("CONNECT is not supported"), "{b}");
+    assert_eq!(up.count(), 0, "nothing reached the upstream");
 
     // The connection is still usable after refusals.
     let (s, _, _) = c
