@@ -5,7 +5,7 @@
 //! - the upstream is always dialled with TLS; port 80 or none means 443,
 //!   another port is kept, port 443 is refused ("proxied request must be
 //!   HTTP": the client must not do TLS itself, or we could not inject);
-//! - CONNECT is refused (Go allows CONNECT to port 80 to tunnel plain HTTP;
+//! - CONNECT is refused (Go tunnels CONNECT to ports other than 443;
 //!   we do not implement that tunnel);
 //! - origin-form requests are refused ("I'm not that kind of server");
 //! - requests without a sealed secret are refused unless `open_proxy`.
@@ -32,6 +32,24 @@ use super::client::UpstreamClient;
 use super::engine::Engine;
 use super::error::TokenizerError;
 use super::upgrade;
+
+/// Headers Fly's proxy adds for this hop, or that attest the client to the
+/// tokenizer, none of them the upstream API's business: the list Fly's
+/// tokenizer image strips (its Dockerfile's `FilteredHeaders`), plus
+/// `fly-src-optin`, the client's request for an attestation.
+pub const FLY_HOP_HEADERS: [&str; 11] = [
+    "fly-client-ip",
+    "fly-forwarded-port",
+    "fly-forwarded-proto",
+    "fly-forwarded-ssl",
+    "fly-region",
+    "fly-request-id",
+    "fly-traceparent",
+    "fly-tracestate",
+    "fly-src",
+    "fly-src-signature",
+    "fly-src-optin",
+];
 
 /// An upgraded stream (WebSocket) with no byte moving either way for this
 /// long is closed. The relay in front has its own, configurable one.
@@ -199,9 +217,7 @@ where
         crate::upgrade::set_upgrade_headers(&mut parts.headers);
     }
     let applied = cfg.engine.apply(&mut parts)?;
-    // Fly-Src attestation is for this hop (the tokenizer); the upstream API
-    // has no use for it.
-    for name in ["fly-src-optin", "fly-src", "fly-src-signature"] {
+    for name in FLY_HOP_HEADERS {
         parts.headers.remove(name);
     }
     if applied.secrets == 0 && !cfg.open_proxy {

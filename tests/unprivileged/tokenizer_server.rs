@@ -490,6 +490,11 @@ async fn embedded_forward_request() {
         .header("proxy-tokenizer", &sealed)
         .header("proxy-authorization", "Bearer proxy-pass")
         .header("fly-src-optin", "*")
+        .header("fly-client-ip", "10.0.0.1")
+        .header("fly-forwarded-proto", "https")
+        .header("fly-region", "ams")
+        .header("fly-request-id", "01J-request")
+        .header("fly-traceparent", "00-abc-def-01")
         .body(body)
         .unwrap();
     let f = tokio::spawn(async move { forward_request(&cfg, req).await })
@@ -508,4 +513,11 @@ async fn embedded_forward_request() {
     );
     assert_eq!(up.last().headers["x-api-key"], "sk-embedded");
     assert_no_proxy_headers(&up.last());
+    // Fly's hop headers stop at the tokenizer, as Fly's image filters them.
+    for name in up.last().headers.keys() {
+        assert!(
+            !name.as_str().starts_with("fly-"),
+            "upstream received {name}"
+        );
+    }
 }
