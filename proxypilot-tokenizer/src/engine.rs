@@ -119,15 +119,17 @@ impl Engine {
             if let Some(kind) = secret.unsupported_processor() {
                 return Err(TokenizerError::UnsupportedProcessor(
                     kind,
-                    "reseal it with inject_processor, inject_hmac_processor, inject_body_processor or oauth2_processor",
+                    "reseal it with inject_processor, inject_hmac_processor, inject_body_processor, oauth2_processor or multi_processor",
                 ));
             }
             self.authenticate(&secret, headers)?;
             self.validate(&secret, &host)?;
-            let p = secret
-                .processor()
+            let procs = secret
+                .processors()
                 .ok_or_else(|| TokenizerError::BadSecret("bad processor config".into()))?;
-            actions.push(processor::plan(p, &params)?);
+            for p in procs {
+                actions.push(processor::plan(p, &params)?);
+            }
             injected.0.extend(needles);
         }
         if !injected.0.is_empty() {

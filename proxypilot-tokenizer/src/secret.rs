@@ -253,9 +253,11 @@ pub struct Secret {
     /// Parsed only to be refused (we do not implement AWS SigV4 signing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sigv4_processor: Option<serde_json::Value>,
-    /// Parsed only to be refused.
+    /// Processors applied in order, each an object with one processor key
+    /// (Go's `MultiProcessorConfig`). Only the processor fields of an
+    /// element are read; [`Secret::from_json`] refuses anything else in one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub multi_processor: Option<serde_json::Value>,
+    pub multi_processor: Option<Vec<Secret>>,
 
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bearer_auth: Option<BearerAuth>,
@@ -349,6 +351,9 @@ impl Secret {
                 unknown_keys(obj)
             )));
         }
+        if let Some(list) = obj.get("multi_processor").and_then(|v| v.as_array()) {
+            check_multi(list, 0)?;
+        }
         let auths = present(AUTH_KEYS);
         if auths.len() != 1 {
             return Err(TokenizerError::BadSecret(format!(
@@ -411,15 +416,31 @@ impl Secret {
         first
     }
 
-    /// Name of an unsupported processor kind, if the secret uses one.
+    /// Every processor to apply, in order: the one processor, or a
+    /// `multi_processor`'s (flattened). `None` when the shape is bad.
+    pub fn processors(&self) -> Option<Vec<ProcessorRef<'_>>> {
+        match &self.multi_processor {
+            None => self.processor().map(|p| vec![p]),
+            Some(list) => {
+                let mut out = Vec::new();
+                for element in list {
+                    out.extend(element.processors()?);
+                }
+                Some(out)
+            }
+        }
+    }
+
+    /// Name of an unsupported processor kind, if the secret uses one
+    /// (inside a `multi_processor` too).
     pub fn unsupported_processor(&self) -> Option<&'static str> {
         if self.sigv4_processor.is_some() {
-            Some("sigv4_processor")
-        } else if self.multi_processor.is_some() {
-            Some("multi_processor")
-        } else {
-            None
+            return Some("sigv4_processor");
         }
+        self.multi_processor
+            .iter()
+            .flatten()
+            .find_map(Secret::unsupported_processor)
     }
 
     pub fn auth(&self) -> Option<AuthRef<'_>> {
@@ -475,6 +496,9 @@ impl Secret {
             push(&t.access_token);
             push(&t.refresh_token);
         }
+        for element in self.multi_processor.iter().flatten() {
+            out.extend(element.sent_tokens());
+        }
         out
     }
 
@@ -514,7 +538,10 @@ impl Secret {
                 }
             }),
             sigv4_processor: self.sigv4_processor.as_ref().map(|_| REDACTED.into()),
-            multi_processor: self.multi_processor.as_ref().map(|_| REDACTED.into()),
+            multi_processor: self
+                .multi_processor
+                .as_ref()
+                .map(|list| list.iter().map(Secret::strip_hazmat).collect()),
             bearer_auth: self.bearer_auth.as_ref().map(|_| BearerAuth {
                 digest: SecretBytes::redacted(),
             }),
@@ -531,6 +558,49 @@ impl Secret {
     pub fn strip_hazmat_string(&self) -> String {
         self.strip_hazmat().to_json()
     }
+}
+
+/// The deepest `multi_processor` nesting accepted (Go has no bound; a
+/// sealed secret is small, so this refuses only a hostile shape).
+const MULTI_DEPTH: usize = 4;
+
+/// Each element of a `multi_processor`: an object with exactly one
+/// processor key (a nested `multi_processor` included) and nothing else.
+fn check_multi(list: &[serde_json::Value], depth: usize) -> Result<(), TokenizerError> {
+    if depth >= MULTI_DEPTH {
+        return Err(TokenizerError::BadSecret(format!(
+            "multi_processor nested deeper than {MULTI_DEPTH}"
+        )));
+    }
+    if list.is_empty() {
+        return Err(TokenizerError::BadSecret(
+            "multi_processor is empty: list the processors to apply".into(),
+        ));
+    }
+    for (i, element) in list.iter().enumerate() {
+        let obj = element.as_object().ok_or_else(|| {
+            TokenizerError::BadSecret(format!(
+                "multi_processor[{i}] is a JSON {}, expected an object with one processor",
+                json_kind(element)
+            ))
+        })?;
+        let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        if keys.len() != 1 || !PROCESSOR_KEYS.contains(&keys[0]) {
+            return Err(TokenizerError::BadSecret(format!(
+                "multi_processor[{i}]: expected exactly one of {}, found {}",
+                PROCESSOR_KEYS.join(", "),
+                if keys.is_empty() {
+                    "none".to_string()
+                } else {
+                    keys.join(", ")
+                }
+            )));
+        }
+        if let Some(inner) = obj.get("multi_processor").and_then(|v| v.as_array()) {
+            check_multi(inner, depth + 1)?;
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Debug for Secret {

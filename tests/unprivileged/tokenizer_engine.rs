@@ -396,7 +396,21 @@ fn bad_input_statuses() {
         (
             seal_json(r#"{"multi_processor":[],"no_auth":{}}"#),
             400,
-            "multi_processor is not supported",
+            "multi_processor is empty",
+        ),
+        (
+            seal_json(
+                r#"{"multi_processor":[{"inject_processor":{"token":"a"},"no_auth":{}}],"no_auth":{}}"#,
+            ),
+            400,
+            "multi_processor[0]: expected exactly one of",
+        ),
+        (
+            seal_json(
+                r#"{"multi_processor":[{"inject_processor":{"token":"a"}},{"sigv4_processor":{}}],"no_auth":{}}"#,
+            ),
+            400,
+            "sigv4_processor is not supported",
         ),
         (
             seal_json(
