@@ -167,12 +167,8 @@ pub fn redact_path(path_and_query: &str) -> String {
     }
 }
 
-/// RFC 3339 UTC with milliseconds, without pulling in time's formatting.
-pub fn rfc3339(t: SystemTime) -> String {
-    Rfc3339(t).to_string()
-}
-
-/// Displays as [`rfc3339`] does, straight into the log line.
+/// RFC 3339 UTC with milliseconds, without pulling in time's formatting,
+/// written straight into the log line.
 struct Rfc3339(SystemTime);
 
 impl fmt::Display for Rfc3339 {
