@@ -57,8 +57,6 @@ pub struct Applied {
     pub secrets: usize,
     /// What remains to do to the body (nothing for header-only processors).
     pub body: BodyTransform,
-    /// The secrets with their hazmat stripped, for log lines.
-    pub shapes: Vec<String>,
     /// What echoes of the values put into the request look like, to
     /// redact them from the response.
     pub injected: InjectedTokens,
@@ -110,12 +108,10 @@ impl Engine {
 
         let mut actions = Vec::with_capacity(values.len());
         let mut injected = InjectedTokens::default();
-        let mut shapes = Vec::with_capacity(values.len());
         for value in &values {
             let (b64, params) = header::parse(value)?;
             let (secret, shape, needles) = self.open(b64)?;
             tracing::debug!(secret = %shape, host = %host, "applying sealed secret");
-            shapes.push(shape.to_string());
             if let Some(kind) = secret.unsupported_processor() {
                 return Err(TokenizerError::UnsupportedProcessor(
                     kind,
@@ -151,7 +147,6 @@ impl Engine {
         Ok(Applied {
             secrets: values.len(),
             body,
-            shapes,
             injected,
         })
     }
