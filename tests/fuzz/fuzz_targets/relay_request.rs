@@ -30,7 +30,9 @@ use libfuzzer_sys::fuzz_target;
 use proxypilot::kernel::origin::OriginalDestination;
 use proxypilot::relay::credentials::preset_slots;
 use proxypilot::relay::forward::BoxFuture;
-use proxypilot::relay::{Forward, ForwardError, Forwarder, Limits, Relay, RelayBody, RelayConfig};
+use proxypilot::relay::{
+    Forward, ForwardError, Forwarder, Limits, LiveRelay, Relay, RelayBody, RelayConfig,
+};
 use proxypilot::settings::{SecretString, Target};
 use proxypilot::tls::ca::CertAuthority;
 use proxypilot::tokenizer::secret::{FmtDst, InjectProcessor, NoAuth};
@@ -430,7 +432,12 @@ async fn one(w: &'static World, case: Case) {
         cgroup_id: 7,
         comm: "fuzz".into(),
     };
-    let task = tokio::spawn(w.relay.clone().handle_connection(server, peer, origin));
+    let live = LiveRelay::new(w.relay.clone());
+    let task = tokio::spawn(
+        w.relay
+            .clone()
+            .handle_connection(live, server, peer, origin),
+    );
     let name = rustls::pki_types::ServerName::try_from(HOST).unwrap();
     let tls = if case.h1_only { &w.tls_h1 } else { &w.tls };
     let mut stream = match tls.connect(name, client).await {
