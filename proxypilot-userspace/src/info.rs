@@ -25,6 +25,8 @@ pub struct InfoState {
     pub stats: Option<Arc<crate::relay::Relay>>,
     /// Source of the packet backstop's counts in `/stats`.
     pub kernel: Option<Arc<crate::kernel::Attachment>>,
+    /// Source of the resolver's counters and refused names in `/stats`.
+    pub dns: Option<Arc<crate::dns::DnsStats>>,
 }
 
 /// Binds 127.0.0.1:`port`.
@@ -46,6 +48,8 @@ struct Stats {
     heap_in_use_bytes: Option<u64>,
     #[serde(flatten)]
     packets_dropped: Option<PacketsDropped>,
+    #[serde(flatten)]
+    dns: Option<crate::dns::DnsStatsView>,
 }
 
 /// What the packet backstop dropped since the programs were attached
@@ -103,6 +107,7 @@ fn respond(state: &InfoState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
                         frames: d.frames,
                     }
                 }),
+                dns: state.dns.as_ref().map(|d| d.view()),
             })
             .expect("stats serialise")
                 + "\n",
@@ -143,6 +148,7 @@ mod tests {
                 allowed_destinations: vec!["198.51.100.0/24".into()],
             },
             stats: None,
+            dns: None,
             kernel: None,
         });
         tokio::spawn(serve(listener, state));

@@ -208,6 +208,11 @@ pub enum TokenizerMode {
 pub struct RelaySettings {
     pub targets: Vec<Target>,
     pub allow: Vec<HostPattern>,
+    /// The config file's `allow-dns`: names the sandbox may resolve
+    /// besides the intercepted and allowed hosts (`--allow-dns` adds more).
+    pub allow_dns: Vec<HostPattern>,
+    /// The config file's `dns`: upstream servers, when `--dns` gives none.
+    pub dns: Vec<std::net::IpAddr>,
     pub tokenizer: TokenizerMode,
     /// Full `Proxy-Authorization` header value.
     pub proxy_authorization: Option<SecretString>,
@@ -225,6 +230,10 @@ pub struct RelaySettings {
 struct FileConfig {
     target: Option<TargetList>,
     allow: Option<Vec<String>>,
+    /// `allow-dns = ["NAME", "*.suffix"]`, as `--allow-dns`.
+    allow_dns: Option<Vec<String>>,
+    /// `dns = ["ADDR"]`, as `--dns` (which wins when given).
+    dns: Option<Vec<String>>,
     /// `permit = ["HOST METHOD PATH", ...]`, as the flag.
     permit: Option<Vec<String>>,
     tokenizer: Option<String>,
@@ -383,6 +392,24 @@ impl RelayArgs {
             }
         }
 
+        let mut allow_dns = Vec::new();
+        for a in file.allow_dns.iter().flatten() {
+            match HostPattern::parse(a) {
+                Ok(p) if !allow_dns.contains(&p) => allow_dns.push(p),
+                Ok(_) => {}
+                Err(e) => errors.push(format!("allow-dns {a:?} in the config file: {e}")),
+            }
+        }
+        let mut dns = Vec::new();
+        for a in file.dns.iter().flatten() {
+            match a.parse::<std::net::IpAddr>() {
+                Ok(ip) => dns.push(ip),
+                Err(_) => errors.push(format!(
+                    "dns {a:?} in the config file: not an IP address (write e.g. \"203.0.113.53\" or \"fdaa::3\")"
+                )),
+            }
+        }
+
         let tokenizer_spec = self
             .tokenizer
             .clone()
@@ -488,6 +515,8 @@ impl RelayArgs {
         Ok(RelaySettings {
             targets: targets.into_values().collect(),
             allow,
+            allow_dns,
+            dns,
             tokenizer,
             proxy_authorization,
             state_dir: self

@@ -12,11 +12,12 @@ use ipnet::IpNet;
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
+    dns::{self, BoundResolver, KernelSenders, NameAllowList, Resolver, Upstreams},
     info::{self, InfoState},
     kernel::{
         cgroup, denials::Denial, AllowRule, Attachment, KernelPolicy, OriginalDestination, UnixPath,
     },
-    policy::AllowedNet,
+    policy::{AllowedNet, HostPattern},
     relay::{self, Forward, Redirections},
     settings::RelaySettings,
     tls::ca::CertAuthority,
@@ -32,8 +33,11 @@ pub struct KernelOptions {
     pub intercept_ports: Vec<u16>,
     /// Destinations the sandbox may reach directly.
     pub allow_cidrs: Vec<AllowRule>,
-    /// DNS servers the sandbox may query.
+    /// Upstream DNS servers proxypilot's resolver asks (empty: the
+    /// config file's `dns`, else the host's resolv.conf).
     pub dns: Vec<IpAddr>,
+    /// Names the sandbox may resolve besides the intercepted and allowed hosts.
+    pub allow_dns: Vec<HostPattern>,
     /// Unix socket paths the sandbox may connect or send to.
     pub allow_unix: Vec<UnixPath>,
 }
@@ -54,10 +58,10 @@ impl KernelOptions {
             allowed: self.allow_cidrs.clone(),
             exempt_cgroup_id: cgroup::cgroup_id(&own_cgroup)?,
             allowed_unix: self.allow_unix.clone(),
+            resolver: Default::default(),
         };
-        policy
-            .allowed
-            .extend(self.dns.iter().map(|ip| AllowRule::dns(*ip)));
+        // DNS goes to proxypilot's resolver, never to the --dns servers
+        // directly: they are not on the sandbox's allow list.
         policy.allowed.extend_from_slice(extra_allowed);
         policy.set_listeners(listeners)?;
         Ok(policy)
@@ -117,7 +121,9 @@ impl Sidecar {
             tcp: true,
             udp: false,
         };
-        let policy = kernel.policy(&listen, &[info_rule])?;
+        let dns_sockets = BoundResolver::bind().await?;
+        let mut policy = kernel.policy(&listen, &[info_rule])?;
+        policy.resolver = dns_sockets.addrs();
         // Checked against everything the sandbox may dial (the info port
         // and DNS included), and bound, before anything is attached.
         let metrics_listener = match settings.metrics_listen {
@@ -144,18 +150,26 @@ impl Sidecar {
             move || unix_metrics.denied(relay::metrics::Denial::Unix),
         );
 
+        let resolver = Arc::new(Resolver::new(
+            dns_names(kernel, settings),
+            dns_upstreams(kernel, settings),
+            Arc::new(KernelSenders(attachment.clone())),
+        ));
+
         let allowed: Vec<String> = policy.allowed.iter().map(ToString::to_string).collect();
         let state = Arc::new(InfoState {
             ca_pem: ca.ca_pem().to_string(),
             policy: relay.summary(&allowed),
             stats: Some(relay.clone()),
             kernel: Some(attachment.clone()),
+            dns: Some(resolver.stats()),
         });
         let mut tasks = vec![
             tokio::spawn(info::serve(info_listener, state)),
             crate::logbudget::refusals().spawn_summaries(),
             crate::memory::spawn_trimmer(),
         ];
+        tasks.extend(dns_sockets.serve(resolver));
         if let Some(l) = metrics_listener {
             tracing::info!(addr = %l.local_addr()?, "serving Prometheus metrics on /metrics");
             tasks.push(tokio::spawn(relay::metrics::serve(l, relay.clone())));
@@ -197,6 +211,41 @@ impl Drop for Sidecar {
             t.abort();
         }
     }
+}
+
+/// The names the sandbox may resolve: the intercepted hosts, the `--allow`
+/// hosts and patterns, and the `--allow-dns` names (flags and file).
+fn dns_names(kernel: &KernelOptions, settings: &RelaySettings) -> NameAllowList {
+    let intercepted = settings
+        .intercepted_hosts()
+        .into_iter()
+        .filter_map(|h| HostPattern::parse(&h).ok());
+    NameAllowList::new(
+        intercepted
+            .chain(settings.allow.iter().cloned())
+            .chain(kernel.allow_dns.iter().cloned())
+            .chain(settings.allow_dns.iter().cloned()),
+    )
+}
+
+/// The servers the resolver asks: `--dns`, else the file's `dns`, else the
+/// host's resolv.conf.
+fn dns_upstreams(kernel: &KernelOptions, settings: &RelaySettings) -> Upstreams {
+    let servers = if !kernel.dns.is_empty() {
+        kernel.dns.clone()
+    } else if !settings.dns.is_empty() {
+        settings.dns.clone()
+    } else {
+        dns::upstream::resolv_conf_nameservers(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        )
+    };
+    if servers.is_empty() {
+        tracing::warn!("no upstream DNS server (no --dns, and none in /etc/resolv.conf): the sandbox's lookups of allowed names will fail with SERVFAIL");
+    } else {
+        tracing::info!(upstreams = ?servers, "the sandbox's DNS is answered by proxypilot");
+    }
+    Upstreams::new(&servers)
 }
 
 /// The kernel's records of connections redirected from the sandbox cgroup,

@@ -237,6 +237,7 @@ pub fn test_policy(
         allowed,
         exempt_cgroup_id: cgroup::cgroup_id(&own).unwrap(),
         allowed_unix: vec![],
+        resolver: Default::default(),
     };
     policy.set_listeners(listeners).unwrap();
     policy

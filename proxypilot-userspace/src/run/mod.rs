@@ -319,6 +319,8 @@ fn embedded_settings(
     let settings = RelaySettings {
         targets,
         allow: Vec::new(),
+        allow_dns: Vec::new(),
+        dns: Vec::new(),
         tokenizer: TokenizerMode::Embedded {
             open_key_file: PathBuf::new(),
             upstream_ca: opts.upstream_ca.clone(),
