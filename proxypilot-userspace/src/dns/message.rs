@@ -49,6 +49,11 @@ pub struct Question {
     pub key: String,
     pub qtype: RecordType,
     pub qclass: DNSClass,
+    /// Every label is letters, digits, `-` and `_` only, not starting or
+    /// ending with `-`, so `key` is the labels joined by dots. Only such a name can be allowed: a label
+    /// holding a dot (`example.com` as one label) would otherwise read as
+    /// two in `key`, and match a pattern it is not under.
+    pub host_name: bool,
     pub recursion_desired: bool,
     pub checking_disabled: bool,
     /// The client's EDNS payload size, when it sent an OPT record.
@@ -85,8 +90,20 @@ impl Question {
         if key.len() > MAX_NAME_LEN {
             return Err(Malformed::TooLong);
         }
+        // The label rules of `policy::normalize_host`, which every allowed
+        // pattern passed.
+        let host_name = name.num_labels() > 0
+            && name.iter().all(|label| {
+                !label.is_empty()
+                    && !label.starts_with(b"-")
+                    && !label.ends_with(b"-")
+                    && label
+                        .iter()
+                        .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+            });
         Ok(Question {
             id: msg.metadata.id,
+            host_name,
             name,
             key,
             qtype: q.query_type(),
@@ -173,8 +190,19 @@ impl Question {
         let answers = upstream.answers.len();
         msg.answers = upstream.answers;
         msg.authorities = upstream.authorities;
-        msg.additionals = upstream.additionals;
+        // The OPT record is ours (set by `response`); any other the
+        // upstream sent would make two.
+        msg.additionals = upstream
+            .additionals
+            .into_iter()
+            .filter(|r| r.record_type() != RecordType::OPT)
+            .collect();
         match msg.to_vec() {
+            // Only an answer that reads back is sent: whatever the upstream
+            // sent, the client gets a well-formed message or SERVFAIL.
+            Ok(bytes) if Message::from_vec(&bytes).is_err() => {
+                (self.answer_with(ResponseCode::ServFail), 0)
+            }
             Ok(bytes) if bytes.len() <= limit => (bytes, answers),
             Ok(_) => {
                 let mut cut = self.response(msg.metadata.response_code);
@@ -289,6 +317,22 @@ mod tests {
         let a64 = "a".repeat(64);
         assert!(Question::parse(&raw_query(&[a64.as_str(), "example"])).is_err());
         assert!(Question::parse(&raw_query(&[a63.as_str(), "example"])).is_ok());
+    }
+
+    #[test]
+    fn a_label_holding_a_dot_never_reads_as_two_labels() {
+        // Found by the dns_query fuzz target: the label "example.com" is
+        // one label, and must never match the allowed name example.com.
+        let q = Question::parse(&raw_query(&["api", "example.com"])).unwrap();
+        assert_eq!(q.key, "api.example\\.com");
+        assert!(!q.host_name);
+        let q = Question::parse(&raw_query(&["api", "example", "com"])).unwrap();
+        assert!(q.host_name);
+        assert!(
+            !Question::parse(&raw_query(&["a b", "com"]))
+                .unwrap()
+                .host_name
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! * A name the sandbox may reach (an intercepted host, an `--allow` host
 //!   or pattern, an `--allow-dns` name) is resolved by asking the upstream
 //!   servers (`--dns`, else the host's resolv.conf) from proxypilot's own
-//!   cgroup, with a query built from the question alone.
+//!   cgroup, with a query built from the question alone. Only names whose
+//!   labels are letters, digits, `-` and `_` can be allowed (a label holding
+//!   a dot is not two labels).
 //! * Any other name is answered NXDOMAIN at once, and nothing is asked
 //!   upstream: a name that carries data never leaves the machine. NXDOMAIN
 //!   rather than REFUSED because stub resolvers try every other server

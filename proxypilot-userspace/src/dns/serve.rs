@@ -129,7 +129,7 @@ impl Resolver {
             self.stats.count(Outcome::RateLimited, &q.key);
             return Step::Answer(q.answer_with(ResponseCode::Refused));
         }
-        if q.qclass != DNSClass::IN || !self.names.allows(&q.key) {
+        if q.qclass != DNSClass::IN || !q.host_name || !self.names.allows(&q.key) {
             self.finish(&q, Outcome::Denied, DENIED_RCODE, 0, transport, who);
             return Step::Answer(q.answer_with(DENIED_RCODE));
         }
