@@ -102,11 +102,21 @@ fn data_carrying_names_reach_no_resolver_over_udp_connected_udp_tcp_or_getaddrin
     ];
     for (kind, server, name) in cases {
         let v = probe(&net, &fly, &[kind, server, name]);
+        // First: the fake resolver was not asked (it too would answer
+        // NXDOMAIN, from the address asked, for a name it does not know).
+        let asked = names_asked(&net);
+        assert!(
+            !asked.iter().any(|n| n == name),
+            "{kind} to {server}: the upstream resolver was asked {name}: {asked:?}"
+        );
         assert_eq!(v["rcode"], NXDOMAIN, "{kind} {server} {name}: {v}");
         assert_eq!(v["answers"], Value::Array(vec![]), "{v}");
         assert_eq!(v["id_ok"], true, "{v}");
-        // The answer comes from the server the sandbox asked.
+        // The answer comes from the server the sandbox asked, port 53.
         assert_eq!(v["from"], server, "{kind} {name}: {v}");
+        if kind != "tcp" {
+            assert_eq!(v["from_port"], 53, "{kind} {name}: {v}");
+        }
     }
     let v = probe(&net, &fly, &["gai", "6578666c.gai.attacker.example"]);
     assert_eq!(
