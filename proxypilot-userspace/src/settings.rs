@@ -1268,6 +1268,55 @@ permit = ["api.openai.com POST /v1/chat/completions"]
     }
 
     #[test]
+    fn dns_and_allow_dns_from_the_file() {
+        let dir = std::env::temp_dir().join(format!(
+            "pp-settings-dns-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("dns.toml");
+        std::fs::write(
+            &good,
+            "dns = [\"203.0.113.53\", \"fdaa::3\"]\nallow-dns = [\"*.pythonhosted.org\", \"Pypi.org.\"]\n",
+        )
+        .unwrap();
+        let args = RelayArgs {
+            config: Some(good),
+            ..Default::default()
+        };
+        let s = args.resolve_with(&env_of(&[])).unwrap();
+        assert_eq!(
+            s.dns,
+            vec![
+                "203.0.113.53".parse::<std::net::IpAddr>().unwrap(),
+                "fdaa::3".parse().unwrap()
+            ]
+        );
+        let names: Vec<String> = s.allow_dns.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["*.pythonhosted.org", "pypi.org"]);
+        let bad = dir.join("bad.toml");
+        std::fs::write(
+            &bad,
+            "dns = [\"resolver.example\"]\nallow-dns = [\"1.2.3.4\"]\n",
+        )
+        .unwrap();
+        let err = RelayArgs {
+            config: Some(bad),
+            ..Default::default()
+        }
+        .resolve_with(&env_of(&[]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("resolver.example") && err.contains("not an IP address"),
+            "{err}"
+        );
+        assert!(err.contains("allow-dns \"1.2.3.4\""), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn toml_config_and_unknown_key() {
         let dir = std::env::temp_dir().join(format!(
             "pp-settings-{}-{}",
