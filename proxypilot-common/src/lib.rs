@@ -38,6 +38,15 @@ pub mod map_names {
     /// `Array<u64>` with one slot: the sandbox cgroup, whose packet-socket
     /// frames (and its descendants') the interface guard drops; 0 for none.
     pub const FRAME_GUARD: &str = "FRAME_GUARD";
+    /// `Array<Resolver>` with one slot: where proxypilot's DNS resolver
+    /// listens. All zero: no resolver, and port 53 is decided by `ALLOWED`.
+    pub const DNS_RESOLVER: &str = "DNS_RESOLVER";
+    /// `LruHashMap<u64, Origin>`: socket cookie → the DNS server a sandbox
+    /// UDP socket last asked (its datagrams went to the resolver instead).
+    pub const DNS_ORIGIN: &str = "DNS_ORIGIN";
+    /// `LruHashMap<PeerKey, Origin>`: a sandbox UDP socket's local address →
+    /// who sent the query, for the resolver's audit line.
+    pub const DNS_PEER: &str = "DNS_PEER";
 }
 
 /// Slots of the per-direction maps of the packet backstop.
@@ -56,6 +65,8 @@ pub const DROP_REPORT_INTERVAL_NS: u64 = 100_000_000;
 /// Capacity of the two origin maps. They are LRU maps, so a flood of
 /// connects evicts the oldest entries instead of failing new ones.
 pub const ORIGIN_MAP_ENTRIES: u32 = 65_536;
+/// Capacity of each DNS record map (LRU: UDP sockets never say they closed).
+pub const DNS_MAP_ENTRIES: u32 = 16_384;
 /// Capacity of the allow list.
 pub const ALLOWED_MAP_ENTRIES: u32 = 4_096;
 /// Capacity of the intercepted-port set.
@@ -71,6 +82,10 @@ pub const ALLOW_UDP: u32 = 2;
 /// IANA protocol numbers as the kernel reports them in `bpf_sock_addr`.
 pub const IPPROTO_TCP: u32 = 6;
 pub const IPPROTO_UDP: u32 = 17;
+
+/// The DNS port: UDP and TCP to it, whatever the address, go to proxypilot's
+/// resolver when one is configured.
+pub const DNS_PORT: u16 = 53;
 
 /// The port QUIC uses; UDP to it is always denied so clients fall back to TCP.
 pub const QUIC_PORT: u16 = 443;
@@ -93,6 +108,30 @@ pub struct Config {
     /// cgroup id (the cgroup directory's inode) of the proxy itself; its
     /// sockets are never redirected or denied.
     pub exempt_cgroup_id: u64,
+}
+
+/// Where proxypilot's DNS resolver listens, UDP and TCP on the same port.
+/// One slot in `DNS_RESOLVER`. A zero port: no resolver for that family
+/// (DNS of that family is denied while the other one has a resolver).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resolver {
+    /// IPv4 address as the kernel's `user_ip4` holds it.
+    pub ip4: u32,
+    /// IPv4 port, host order.
+    pub port4: u16,
+    /// IPv6 port, host order.
+    pub port6: u16,
+    /// IPv6 address, words as in `user_ip6`.
+    pub ip6: [u32; 4],
+}
+
+impl Resolver {
+    /// True when DNS is redirected at all.
+    #[inline(always)]
+    pub const fn in_use(&self) -> bool {
+        self.port4 != 0 || self.port6 != 0
+    }
 }
 
 /// The destination a sandboxed socket asked for, and who asked.
@@ -217,6 +256,8 @@ event_code! {
         Malformed = 10,
         /// A frame from a socket that is not inet (AF_PACKET): below every IP hook.
         FrameSocket = 11,
+        /// DNS (port 53) of a family the resolver does not listen on.
+        NoResolver = 12,
     }
 }
 
@@ -262,6 +303,7 @@ mod pod {
     unsafe impl aya::Pod for super::PeerKey {}
     unsafe impl aya::Pod for super::AllowTarget {}
     unsafe impl aya::Pod for super::DenyEvent {}
+    unsafe impl aya::Pod for super::Resolver {}
 }
 
 #[cfg(test)]
@@ -277,6 +319,7 @@ mod tests {
         assert_eq!(size_of::<PeerKey>(), 20);
         assert_eq!(size_of::<AllowTarget>(), 20);
         assert_eq!(size_of::<DenyEvent>(), size_of::<Origin>() + 16);
+        assert_eq!(size_of::<Resolver>(), 4 + 2 + 2 + 16);
     }
 
     #[test]
@@ -284,11 +327,11 @@ mod tests {
         for hook in [Hook::Connect4, Hook::Egress, Hook::Frame] {
             assert_eq!(Hook::try_from(hook as u32), Ok(hook));
         }
-        for reason in [DenyReason::NotAllowed, DenyReason::FrameSocket] {
+        for reason in [DenyReason::NotAllowed, DenyReason::NoResolver] {
             assert_eq!(DenyReason::try_from(reason as u32), Ok(reason));
         }
         assert_eq!(Hook::try_from(0), Err(0));
-        assert_eq!(DenyReason::try_from(12), Err(12));
+        assert_eq!(DenyReason::try_from(13), Err(13));
     }
 
     #[test]

@@ -17,11 +17,12 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use proxypilot_common::{
     drop_slot, is_mapped_ip4, mapped_ip4, AllowTarget, Config, DenyEvent, DenyReason, Hook, Origin,
-    PeerKey, ALLOWED_MAP_ENTRIES, ALLOW_TCP, ALLOW_UDP, DENIALS_BYTES, INTERCEPT_PORT_ENTRIES,
-    IPPROTO_TCP, IPPROTO_UDP, ORIGIN_MAP_ENTRIES, QUIC_PORT,
+    PeerKey, Resolver, ALLOWED_MAP_ENTRIES, ALLOW_TCP, ALLOW_UDP, DENIALS_BYTES, DNS_MAP_ENTRIES,
+    INTERCEPT_PORT_ENTRIES, IPPROTO_TCP, IPPROTO_UDP, ORIGIN_MAP_ENTRIES, QUIC_PORT,
 };
 
 mod backstop;
+mod dns;
 mod frames;
 mod refusals;
 
@@ -61,6 +62,15 @@ static DROP_REPORTED: PerCpuArray<u64> = PerCpuArray::pinned(drop_slot::COUNT, 0
 #[map]
 static FRAME_GUARD: Array<u64> = Array::pinned(1, 0);
 
+#[map]
+static DNS_RESOLVER: Array<Resolver> = Array::pinned(1, 0);
+
+#[map]
+static DNS_ORIGIN: LruHashMap<u64, Origin> = LruHashMap::pinned(DNS_MAP_ENTRIES, 0);
+
+#[map]
+static DNS_PEER: LruHashMap<PeerKey, Origin> = LruHashMap::pinned(DNS_MAP_ENTRIES, 0);
+
 /// A destination as the address hooks see it, normalised to 16 bytes.
 #[derive(Clone, Copy)]
 struct Dest {
@@ -72,6 +82,9 @@ struct Dest {
 enum Verdict {
     Pass,
     Redirect(Dest),
+    /// A UDP datagram or connect to port 53, sent to the resolver instead;
+    /// recorded in `DNS_ORIGIN` (TCP to port 53 is a plain `Redirect`).
+    RedirectDns(Dest),
     Deny(DenyReason),
 }
 
@@ -93,6 +106,19 @@ pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     on_address::<true>(&ctx, Hook::Sendmsg6, false)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    dns::restore_source::<false>(&ctx);
+    // recvmsg programs must return 1.
+    PASS
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    dns::restore_source::<true>(&ctx);
+    PASS
 }
 
 #[cgroup_sock_addr(getpeername4)]
@@ -153,13 +179,26 @@ fn on_address<const V6: bool>(ctx: &SockAddrContext, hook: Hook, is_connect: boo
     let protocol = unsafe { (*sa).protocol };
     // SAFETY: a cgroup_sock_addr ctx.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let verdict = if is_connect {
-        decide_connect(config, protocol, dest, cookie)
-    } else {
-        decide_udp(protocol, dest)
+    let dns = dns::decide(protocol, dest, cookie);
+    let verdict = match dns.action {
+        dns::NOT_DNS if is_connect => decide_connect(config, protocol, dest, cookie),
+        dns::NOT_DNS => decide_udp(protocol, dest),
+        dns::DNS_PASS => Verdict::Pass,
+        dns::DNS_REDIRECT_TCP => Verdict::Redirect(dns.to),
+        dns::DNS_REDIRECT_UDP => Verdict::RedirectDns(dns.to),
+        _ => Verdict::Deny(DenyReason::try_from(dns.reason).unwrap_or(DenyReason::NotAllowed)),
     };
     match verdict {
         Verdict::Pass => PASS,
+        Verdict::RedirectDns(to) => {
+            let origin = origin_of(dest, family::<V6>());
+            if DNS_ORIGIN.insert(&cookie, &origin, 0).is_err() {
+                report(&origin, protocol, hook, DenyReason::MapFull, 0);
+                return DENY;
+            }
+            write_dest::<V6>(sa, to);
+            PASS
+        }
         Verdict::Redirect(to) => {
             let origin = origin_of(dest, family::<V6>());
             if SOCK_ORIGIN.insert(&cookie, &origin, 0).is_err() {
@@ -341,7 +380,10 @@ fn show_original_peer<const V6: bool>(ctx: &SockAddrContext) {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the record is copied out at once; a concurrent update can at
     // worst give a stale but well-formed peer.
-    if let Some(origin) = unsafe { SOCK_ORIGIN.get(&cookie) } {
+    // A connected DNS socket's record is in DNS_ORIGIN.
+    // SAFETY: as above.
+    let origin = unsafe { SOCK_ORIGIN.get(&cookie).or_else(|| DNS_ORIGIN.get(&cookie)) };
+    if let Some(origin) = origin {
         let to = Dest {
             addr: origin.addr,
             port: origin.port,

@@ -19,7 +19,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use proxypilot_common::{drop_slot, map_names, AllowTarget, Config, Origin, PeerKey};
+use proxypilot_common::{drop_slot, map_names, AllowTarget, Config, Origin, PeerKey, Resolver};
 
 use super::{
     bpffs, cgroup,
@@ -52,7 +52,7 @@ enum ProgramKind {
 /// Every program in the object, in the order they are attached (the packet
 /// backstop and the socket-level refusals first). All are required: if the
 /// kernel refuses one, the attach fails and nothing is left attached.
-const PROGRAMS: [(&str, ProgramKind); 11] = [
+const PROGRAMS: [(&str, ProgramKind); 13] = [
     (
         "packet_egress",
         ProgramKind::Skb(CgroupSkbAttachType::Egress),
@@ -69,6 +69,8 @@ const PROGRAMS: [(&str, ProgramKind); 11] = [
     ("sendmsg6", ProgramKind::SockAddr),
     ("getpeername4", ProgramKind::SockAddr),
     ("getpeername6", ProgramKind::SockAddr),
+    ("recvmsg4", ProgramKind::SockAddr),
+    ("recvmsg6", ProgramKind::SockAddr),
     ("origin_rekey", ProgramKind::SockOps),
 ];
 
@@ -81,6 +83,7 @@ pub struct Attachment {
     maps: Mutex<PolicyMaps>,
     peer_origin: Mutex<HashMap<MapData, PeerKey, Origin>>,
     sock_origin: HashMap<MapData, u64, Origin>,
+    dns_peer: HashMap<MapData, PeerKey, Origin>,
     denials: Mutex<Option<RingBuf<MapData>>>,
     packet_drops: PerCpuArray<MapData, u64>,
     logger: Mutex<Option<aya_log::EbpfLogger<&'static dyn log::Log>>>,
@@ -130,6 +133,7 @@ struct PolicyMaps {
     config: Array<MapData, Config>,
     intercept_ports: HashMap<MapData, u16, u8>,
     allowed: LpmTrie<MapData, AllowTarget, u32>,
+    resolver: Array<MapData, Resolver>,
 }
 
 impl Attachment {
@@ -177,10 +181,12 @@ impl Attachment {
             config: take(&mut ebpf, map_names::CONFIG)?,
             intercept_ports: take(&mut ebpf, map_names::INTERCEPT_PORTS)?,
             allowed: take(&mut ebpf, map_names::ALLOWED)?,
+            resolver: take(&mut ebpf, map_names::DNS_RESOLVER)?,
         };
         maps.write(policy)?;
         let peer_origin = take(&mut ebpf, map_names::PEER_ORIGIN)?;
         let sock_origin = take(&mut ebpf, map_names::SOCK_ORIGIN)?;
+        let dns_peer = take(&mut ebpf, map_names::DNS_PEER)?;
         let denials = take(&mut ebpf, map_names::DENIALS)?;
         let packet_drops = take(&mut ebpf, map_names::PACKET_DROPS)?;
 
@@ -226,6 +232,7 @@ impl Attachment {
             maps: Mutex::new(maps),
             peer_origin: Mutex::new(peer_origin),
             sock_origin,
+            dns_peer,
             denials: Mutex::new(Some(denials)),
             packet_drops,
             logger: Mutex::new(logger),
@@ -261,6 +268,14 @@ impl Attachment {
         let mut map = self.peer_origin.lock().expect("origin map lock");
         let origin = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
+        Some(OriginalDestination::from(&origin))
+    }
+
+    /// Who sent the DNS datagram that arrived from `peer` (a sandbox UDP
+    /// socket's local address), and the server it asked. Left in the map:
+    /// a socket sends many queries.
+    pub fn dns_sender(&self, peer: SocketAddr) -> Option<OriginalDestination> {
+        let origin = self.dns_peer.get(&peer_key(peer), 0).ok()?;
         Some(OriginalDestination::from(&origin))
     }
 
@@ -331,6 +346,21 @@ impl PolicyMaps {
         self.config
             .set(0, config, 0)
             .context("writing the CONFIG map")?;
+        let resolver = Resolver {
+            ip4: policy
+                .resolver
+                .v4
+                .map_or(0, |a| u32::from_ne_bytes(a.ip().octets())),
+            port4: policy.resolver.v4.map_or(0, |a| a.port()),
+            port6: policy.resolver.v6.map_or(0, |a| a.port()),
+            ip6: policy
+                .resolver
+                .v6
+                .map_or([0; 4], |a| words_from_ip((*a.ip()).into())),
+        };
+        self.resolver
+            .set(0, resolver, 0)
+            .context("writing the DNS_RESOLVER map")?;
 
         let ports: HashSet<u16> = policy.intercept_ports.iter().copied().collect();
         for port in &ports {

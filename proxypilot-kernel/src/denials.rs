@@ -92,6 +92,9 @@ impl Denial {
             (_, DenyReason::FrameSocket) => {
                 "frames from packet sockets (AF_PACKET) are refused: they pass below every IP hook"
             }
+            (_, DenyReason::NoResolver) => {
+                "DNS goes only to proxypilot's resolver, which has no listener for this address family"
+            }
         }
     }
 }

@@ -26,5 +26,5 @@ pub use proxypilot_common::origin;
 
 pub use attach::{detach, Attachment, PacketDrops};
 pub use origin::OriginalDestination;
-pub use policy::{AllowRule, KernelPolicy};
+pub use policy::{AllowRule, DnsResolver, KernelPolicy};
 pub use unix::UnixPath;

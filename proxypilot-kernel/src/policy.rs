@@ -144,6 +144,18 @@ pub struct KernelPolicy {
     /// Unix socket paths the sandbox may connect and send to; every other
     /// unix destination, abstract names included, is refused.
     pub allowed_unix: Vec<UnixPath>,
+    /// Where proxypilot's DNS resolver listens (UDP and TCP, one port per
+    /// family). With either set, every UDP and TCP packet to port 53 goes
+    /// there, whatever address the sandbox asked; with neither, port 53 is
+    /// decided by `allowed` like any other.
+    pub resolver: DnsResolver,
+}
+
+/// The resolver's listeners, by family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsResolver {
+    pub v4: Option<SocketAddrV4>,
+    pub v6: Option<SocketAddrV6>,
 }
 
 impl KernelPolicy {

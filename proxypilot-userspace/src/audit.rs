@@ -169,7 +169,7 @@ pub fn redact_path(path_and_query: &str) -> String {
 
 /// RFC 3339 UTC with milliseconds, without pulling in time's formatting,
 /// written straight into the log line.
-struct Rfc3339(SystemTime);
+pub(crate) struct Rfc3339(pub SystemTime);
 
 impl fmt::Display for Rfc3339 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -23,6 +23,8 @@ pub struct InfoState {
     stats: Option<Arc<crate::relay::LiveRelay>>,
     /// Source of the packet backstop's counts in `/stats`.
     kernel: Option<Arc<crate::kernel::Attachment>>,
+    /// Source of the resolver's counters and refused names in `/stats`.
+    dns: Option<Arc<crate::dns::DnsStats>>,
 }
 
 /// `/ca.pem` and `/policy`: replaced together when a reload changes them.
@@ -37,11 +39,13 @@ impl InfoState {
         published: Published,
         stats: Option<Arc<crate::relay::LiveRelay>>,
         kernel: Option<Arc<crate::kernel::Attachment>>,
+        dns: Option<Arc<crate::dns::DnsStats>>,
     ) -> Arc<InfoState> {
         Arc::new(InfoState {
             published: RwLock::new(published),
             stats,
             kernel,
+            dns,
         })
     }
 
@@ -77,6 +81,8 @@ struct Stats {
     heap_in_use_bytes: Option<u64>,
     #[serde(flatten)]
     packets_dropped: Option<PacketsDropped>,
+    #[serde(flatten)]
+    dns: Option<crate::dns::DnsStatsView>,
 }
 
 /// What the packet backstop dropped since the programs were attached
@@ -135,6 +141,7 @@ fn respond(state: &InfoState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
                         frames: d.frames,
                     }
                 }),
+                dns: state.dns.as_ref().map(|d| d.view()),
             })
             .expect("stats serialise")
                 + "\n",
@@ -176,6 +183,7 @@ mod tests {
                     allowed_destinations: vec!["198.51.100.0/24".into()],
                 },
             },
+            None,
             None,
             None,
         );

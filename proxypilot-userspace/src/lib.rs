@@ -7,6 +7,7 @@
 
 pub mod audit;
 pub mod cli;
+pub mod dns;
 pub mod fdlimit;
 pub mod info;
 pub mod local_http;

@@ -215,6 +215,11 @@ pub enum TokenizerMode {
 pub struct RelaySettings {
     pub targets: Vec<Target>,
     pub allow: Vec<HostPattern>,
+    /// The config file's `allow-dns`: names the sandbox may resolve
+    /// besides the intercepted and allowed hosts (`--allow-dns` adds more).
+    pub allow_dns: Vec<HostPattern>,
+    /// The config file's `dns`: upstream servers, when `--dns` gives none.
+    pub dns: Vec<std::net::IpAddr>,
     pub tokenizer: TokenizerMode,
     /// Full `Proxy-Authorization` header value.
     pub proxy_authorization: Option<SecretString>,
@@ -242,6 +247,10 @@ pub struct FileKernelRules {
 struct FileConfig {
     target: Option<TargetList>,
     allow: Option<Vec<String>>,
+    /// `allow-dns = ["NAME", "*.suffix"]`, as `--allow-dns`.
+    allow_dns: Option<Vec<String>>,
+    /// `dns = ["ADDR"]`, as `--dns` (which wins when given).
+    dns: Option<Vec<String>>,
     /// `permit = ["HOST METHOD PATH", ...]`, as the flag.
     permit: Option<Vec<String>>,
     /// `allow-cidr = ["10.1.2.3:5432"]`, as the flag (added to it).
@@ -405,6 +414,24 @@ impl RelayArgs {
             }
         }
 
+        let mut allow_dns = Vec::new();
+        for a in file.allow_dns.iter().flatten() {
+            match HostPattern::parse(a) {
+                Ok(p) if !allow_dns.contains(&p) => allow_dns.push(p),
+                Ok(_) => {}
+                Err(e) => errors.push(format!("allow-dns {a:?} in the config file: {e}")),
+            }
+        }
+        let mut dns = Vec::new();
+        for a in file.dns.iter().flatten() {
+            match a.parse::<std::net::IpAddr>() {
+                Ok(ip) => dns.push(ip),
+                Err(_) => errors.push(format!(
+                    "dns {a:?} in the config file: not an IP address (write e.g. \"203.0.113.53\" or \"fdaa::3\")"
+                )),
+            }
+        }
+
         let tokenizer_spec = self
             .tokenizer
             .clone()
@@ -541,6 +568,8 @@ impl RelayArgs {
         Ok(RelaySettings {
             targets: targets.into_values().collect(),
             allow,
+            allow_dns,
+            dns,
             tokenizer,
             proxy_authorization,
             state_dir: self
@@ -1331,6 +1360,55 @@ permit = ["api.openai.com POST /v1/chat/completions"]
         ] {
             assert!(err.contains(says), "{says}: {err}");
         }
+    }
+
+    #[test]
+    fn dns_and_allow_dns_from_the_file() {
+        let dir = std::env::temp_dir().join(format!(
+            "pp-settings-dns-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("dns.toml");
+        std::fs::write(
+            &good,
+            "dns = [\"203.0.113.53\", \"fdaa::3\"]\nallow-dns = [\"*.pythonhosted.org\", \"Pypi.org.\"]\n",
+        )
+        .unwrap();
+        let args = RelayArgs {
+            config: Some(good),
+            ..Default::default()
+        };
+        let s = args.resolve_with(&env_of(&[])).unwrap();
+        assert_eq!(
+            s.dns,
+            vec![
+                "203.0.113.53".parse::<std::net::IpAddr>().unwrap(),
+                "fdaa::3".parse().unwrap()
+            ]
+        );
+        let names: Vec<String> = s.allow_dns.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["*.pythonhosted.org", "pypi.org"]);
+        let bad = dir.join("bad.toml");
+        std::fs::write(
+            &bad,
+            "dns = [\"resolver.example\"]\nallow-dns = [\"1.2.3.4\"]\n",
+        )
+        .unwrap();
+        let err = RelayArgs {
+            config: Some(bad),
+            ..Default::default()
+        }
+        .resolve_with(&env_of(&[]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("resolver.example") && err.contains("not an IP address"),
+            "{err}"
+        );
+        assert!(err.contains("allow-dns \"1.2.3.4\""), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -12,11 +12,13 @@ use ipnet::IpNet;
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
+    dns::{self, BoundResolver, KernelSenders, NameAllowList, Resolver, Upstreams},
     info::{self, InfoState, Published},
     kernel::{
-        cgroup, denials::Denial, AllowRule, Attachment, KernelPolicy, OriginalDestination, UnixPath,
+        cgroup, denials::Denial, AllowRule, Attachment, DnsResolver, KernelPolicy,
+        OriginalDestination, UnixPath,
     },
-    policy::AllowedNet,
+    policy::{AllowedNet, HostPattern},
     relay::{self, Forward, LiveRelay, Redirections, Relay},
     settings::{FileKernelRules, RelaySettings},
     tls::ca::CertAuthority,
@@ -32,8 +34,11 @@ pub struct KernelOptions {
     pub intercept_ports: Vec<u16>,
     /// Destinations the sandbox may reach directly.
     pub allow_cidrs: Vec<AllowRule>,
-    /// DNS servers the sandbox may query.
+    /// Upstream DNS servers proxypilot's resolver asks (empty: the
+    /// config file's `dns`, else the host's resolv.conf).
     pub dns: Vec<IpAddr>,
+    /// Names the sandbox may resolve besides the intercepted and allowed hosts.
+    pub allow_dns: Vec<HostPattern>,
     /// Unix socket paths the sandbox may connect or send to.
     pub allow_unix: Vec<UnixPath>,
 }
@@ -54,10 +59,10 @@ impl KernelOptions {
             allowed: self.allow_cidrs.clone(),
             exempt_cgroup_id: cgroup::cgroup_id(&own_cgroup)?,
             allowed_unix: self.allow_unix.clone(),
+            resolver: Default::default(),
         };
-        policy
-            .allowed
-            .extend(self.dns.iter().map(|ip| AllowRule::dns(*ip)));
+        // DNS goes to proxypilot's resolver, never to the --dns servers
+        // directly: they are not on the sandbox's allow list.
         policy.allowed.extend_from_slice(extra_allowed);
         policy.set_listeners(listeners)?;
         Ok(policy)
@@ -101,6 +106,10 @@ pub struct Sidecar {
     pub info_addr: SocketAddr,
     live: Arc<LiveRelay>,
     info: Arc<InfoState>,
+    /// The sandbox's DNS: which names it answers follows reloads.
+    resolver: Arc<Resolver>,
+    /// Where the resolver listens (the kernel sends port 53 there).
+    resolver_addrs: DnsResolver,
     /// The kernel options from flags (a reload adds the file's rules anew).
     kernel_flags: KernelOptions,
     /// The settings in force, to tell a reload what it may not change.
@@ -134,7 +143,9 @@ impl Sidecar {
             )
         })?;
         let info_addr = info_listener.local_addr()?;
-        let policy = sandbox_policy(&kernel, &listen, info_addr, settings)?;
+        let dns_sockets = BoundResolver::bind().await?;
+        let resolver_addrs = dns_sockets.addrs();
+        let policy = sandbox_policy(&kernel, &listen, info_addr, resolver_addrs, settings)?;
         // Bound before anything is attached.
         let metrics_listener = match settings.metrics_listen {
             None => None,
@@ -156,17 +167,25 @@ impl Sidecar {
             move || unix_metrics.denied(relay::metrics::Denial::Unix),
         );
 
+        let resolver = Arc::new(Resolver::new(
+            dns_names(&kernel, settings),
+            dns_upstreams(&kernel, settings),
+            Arc::new(KernelSenders(attachment.clone())),
+        ));
+
         let live = LiveRelay::new(relay.clone());
         let info = InfoState::new(
             published(&relay, &policy),
             Some(live.clone()),
             Some(attachment.clone()),
+            Some(resolver.stats()),
         );
         let mut tasks = vec![
             tokio::spawn(info::serve(info_listener, info.clone())),
             crate::logbudget::refusals().spawn_summaries(),
             crate::memory::spawn_trimmer(),
         ];
+        tasks.extend(dns_sockets.serve(resolver.clone()));
         if let Some(l) = metrics_listener {
             tracing::info!(addr = %l.local_addr()?, "serving Prometheus metrics on /metrics");
             tasks.push(tokio::spawn(relay::metrics::serve(l, live.clone())));
@@ -190,6 +209,8 @@ impl Sidecar {
             info_addr,
             live,
             info,
+            resolver,
+            resolver_addrs,
             kernel_flags: kernel_flags.clone(),
             settings: Mutex::new(settings.clone()),
             tasks,
@@ -228,7 +249,13 @@ impl Sidecar {
         let mut in_force = self.settings.lock().unwrap_or_else(|p| p.into_inner());
         needs_no_restart(&in_force, settings)?;
         let kernel = self.kernel_flags.with_file(&settings.file_kernel);
-        let policy = sandbox_policy(&kernel, &self.listen, self.info_addr, settings)?;
+        let policy = sandbox_policy(
+            &kernel,
+            &self.listen,
+            self.info_addr,
+            self.resolver_addrs,
+            settings,
+        )?;
         let old = self.live.get();
         let hosts = settings.intercepted_hosts();
         let ca_reissued = old.ca().hosts() != hosts.as_slice();
@@ -247,6 +274,7 @@ impl Sidecar {
             .set_policy(&policy)
             .context("updating the kernel allowlist")?;
         self.live.replace(relay.clone());
+        self.resolver.set_names(dns_names(&kernel, settings));
         self.info.publish(published(&relay, &policy));
         *in_force = settings.clone();
         Ok(ReloadSummary {
@@ -285,6 +313,9 @@ fn needs_no_restart(in_force: &RelaySettings, new: &RelaySettings) -> Result<()>
     if in_force.state_dir != new.state_dir {
         changed.push("state-dir");
     }
+    if in_force.dns != new.dns {
+        changed.push("dns");
+    }
     anyhow::ensure!(
         changed.is_empty(),
         "{} cannot change while proxypilot runs: restore the value in force, or restart proxypilot",
@@ -294,11 +325,13 @@ fn needs_no_restart(in_force: &RelaySettings, new: &RelaySettings) -> Result<()>
 }
 
 /// The kernel policy for `kernel`, with the info port (the one loopback
-/// destination the sandbox may reach), checked against the metrics address.
+/// destination the sandbox may reach) and the resolver its DNS goes to,
+/// checked against the metrics address.
 fn sandbox_policy(
     kernel: &KernelOptions,
     listen: &[SocketAddr],
     info_addr: SocketAddr,
+    resolver: DnsResolver,
     settings: &RelaySettings,
 ) -> Result<KernelPolicy> {
     let info_rule = AllowRule {
@@ -307,9 +340,10 @@ fn sandbox_policy(
         tcp: true,
         udp: false,
     };
-    let policy = kernel.policy(listen, &[info_rule])?;
-    // Checked against everything the sandbox may dial (the info port and
-    // DNS included).
+    let mut policy = kernel.policy(listen, &[info_rule])?;
+    policy.resolver = resolver;
+    // Checked against everything the sandbox may dial (the info port
+    // included).
     if let Some(addr) = settings.metrics_listen {
         relay::metrics::check_unreachable(addr, &policy.allowed).map_err(anyhow::Error::msg)?;
     }
@@ -331,6 +365,41 @@ impl Drop for Sidecar {
             t.abort();
         }
     }
+}
+
+/// The names the sandbox may resolve: the intercepted hosts, the `--allow`
+/// hosts and patterns, and the `--allow-dns` names (flags and file).
+fn dns_names(kernel: &KernelOptions, settings: &RelaySettings) -> NameAllowList {
+    let intercepted = settings
+        .intercepted_hosts()
+        .into_iter()
+        .filter_map(|h| HostPattern::parse(&h).ok());
+    NameAllowList::new(
+        intercepted
+            .chain(settings.allow.iter().cloned())
+            .chain(kernel.allow_dns.iter().cloned())
+            .chain(settings.allow_dns.iter().cloned()),
+    )
+}
+
+/// The servers the resolver asks: `--dns`, else the file's `dns`, else the
+/// host's resolv.conf.
+fn dns_upstreams(kernel: &KernelOptions, settings: &RelaySettings) -> Upstreams {
+    let servers = if !kernel.dns.is_empty() {
+        kernel.dns.clone()
+    } else if !settings.dns.is_empty() {
+        settings.dns.clone()
+    } else {
+        dns::upstream::resolv_conf_nameservers(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        )
+    };
+    if servers.is_empty() {
+        tracing::warn!("no upstream DNS server (no --dns, and none in /etc/resolv.conf): the sandbox's lookups of allowed names will fail with SERVFAIL");
+    } else {
+        tracing::info!(upstreams = ?servers, "the sandbox's DNS is answered by proxypilot");
+    }
+    Upstreams::new(&servers)
 }
 
 /// The kernel's records of connections redirected from the sandbox cgroup,

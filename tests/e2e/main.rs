@@ -9,6 +9,7 @@
 mod clients;
 mod demo;
 mod deploy;
+mod dns;
 mod escape;
 mod faults;
 mod harness;

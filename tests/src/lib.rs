@@ -237,6 +237,7 @@ pub fn test_policy(
         allowed,
         exempt_cgroup_id: cgroup::cgroup_id(&own).unwrap(),
         allowed_unix: vec![],
+        resolver: Default::default(),
     };
     policy.set_listeners(listeners).unwrap();
     policy
@@ -392,10 +393,10 @@ impl Drop for Proxypilot {
 }
 
 /// Programs `bpftool cgroup show` lists on each sandbox cgroup:
-/// connect4/6, sendmsg4/6, getpeername4/6, sock_ops, sock_create,
+/// connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6, sock_ops, sock_create,
 /// setsockopt, cgroup_skb egress and ingress. (bpftool does not list the
 /// unix socket hooks; `proxypilot::kernel::unix` counts those.)
-pub const ATTACHED_PROGRAMS: usize = 11;
+pub const ATTACHED_PROGRAMS: usize = 13;
 
 /// The programs attached to `cgroup` as `bpftool cgroup show` lists them
 /// (attach type and program name per line).

@@ -50,7 +50,8 @@ enum Task {
         /// direct, proxypilot embedded/remote and mitmproxy, written to
         /// target/bench/summary.{json,png}), `relay` (direct vs. proxypilot
         /// embedded/remote: keep-alive, latency, new connections, leaf mint)
-        /// or `kernel` (connect through the programs vs. without).
+        /// `kernel` (connect through the programs vs. without) or `dns`
+        /// (queries through proxypilot's resolver vs. the fake resolver).
         #[arg(default_value = "all")]
         which: String,
         /// Shorter runs (under a minute); same rows, noisier figures.
@@ -338,8 +339,15 @@ fn bench(which: &str, quick: bool) -> Result<()> {
             "--bench",
             "kernel",
         ])),
+        "dns" => run(Command::new("cargo").current_dir(&root).args([
+            "bench",
+            "-p",
+            "proxypilot-tests",
+            "--bench",
+            "dns",
+        ])),
         "relay" | "all" => bench_relay(&root, which, quick),
-        other => bail!("unknown benchmark `{other}`; available: all (default), relay, kernel"),
+        other => bail!("unknown benchmark `{other}`; available: all (default), relay, kernel, dns"),
     }
 }
 

@@ -6,12 +6,13 @@
 //!
 //! Both directions check the *peer*: the destination of an egress packet,
 //! the source of an ingress one. A packet passes only when the peer is the
-//! proxy's listener (TCP), or an `ALLOWED` address and port with the bit of
-//! its transport. Anything that is not plain TCP or UDP over IPv4 without
+//! proxy's listener (TCP), proxypilot's DNS resolver (programs/dns.rs), or an
+//! `ALLOWED` address and port with the bit of its transport. With a resolver,
+//! any other port-53 peer is dropped. Anything that is not plain TCP or UDP over IPv4 without
 //! options or IPv6 without extension headers is dropped.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_ktime_get_ns, bpf_skb_cgroup_id},
+    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_cgroup_id},
     macros::cgroup_skb,
     programs::SkBuffContext,
     EbpfContext,
@@ -22,7 +23,7 @@ use proxypilot_common::{
 };
 
 use super::{
-    allowed, config, decide_udp, listener_for, report, Dest, Verdict, AF_INET, AF_INET6,
+    allowed, config, decide_udp, dns, listener_for, report, Dest, Verdict, AF_INET, AF_INET6,
     DROP_REPORTED, PACKET_DROPS,
 };
 
@@ -50,6 +51,9 @@ pub fn packet_ingress(ctx: SkBuffContext) -> i32 {
 /// The peer of one packet and its transport, as read from its headers.
 struct Packet {
     peer: Dest,
+    /// The sandbox socket's end: the source on egress, the destination on
+    /// ingress.
+    local: Dest,
     family: u16,
     transport: u32,
 }
@@ -69,6 +73,11 @@ fn on_packet<const EGRESS: bool>(ctx: &SkBuffContext) -> i32 {
     let (packet, verdict) = match read_packet::<EGRESS>(ctx) {
         Ok(p) => {
             let v = decide(config, &p);
+            if EGRESS && p.transport == IPPROTO_UDP && matches!(v, Verdict::Pass) {
+                // SAFETY: a cgroup_skb ctx.
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                dns::note_sender(cookie, p.local);
+            }
             (p, v)
         }
         Err((p, reason)) => (p, Verdict::Deny(reason)),
@@ -83,6 +92,13 @@ fn on_packet<const EGRESS: bool>(ctx: &SkBuffContext) -> i32 {
 }
 
 fn decide(config: &Config, p: &Packet) -> Verdict {
+    if p.transport == IPPROTO_TCP || p.transport == IPPROTO_UDP {
+        match dns::decide_packet(&p.peer) {
+            dns::DNS_PASS => return Verdict::Pass,
+            dns::DNS_DENY => return Verdict::Deny(DenyReason::NotAllowed),
+            _ => {}
+        }
+    }
     match p.transport {
         IPPROTO_TCP if is_listener(config, &p.peer) || allowed(p.peer, ALLOW_TCP) => Verdict::Pass,
         IPPROTO_TCP => Verdict::Deny(DenyReason::NotAllowed),
@@ -117,6 +133,10 @@ fn read_packet<const EGRESS: bool>(ctx: &SkBuffContext) -> Result<Packet, (Packe
             addr: [0; 4],
             port: 0,
         },
+        local: Dest {
+            addr: [0; 4],
+            port: 0,
+        },
         family: 0,
         transport: 0,
     };
@@ -127,15 +147,17 @@ fn read_packet<const EGRESS: bool>(ctx: &SkBuffContext) -> Result<Packet, (Packe
     let l4 = match ethertype {
         ETH_P_IP => {
             p.family = AF_INET;
-            let (Ok(version_ihl), Ok(frag), Ok(transport), Ok(addr)) = (
+            let (Ok(version_ihl), Ok(frag), Ok(transport), Ok(addr), Ok(local)) = (
                 ctx.load::<u8>(0),
                 ctx.load::<u16>(6),
                 ctx.load::<u8>(9),
                 ctx.load::<u32>(if EGRESS { 16 } else { 12 }),
+                ctx.load::<u32>(if EGRESS { 12 } else { 16 }),
             ) else {
                 return Err((p, DenyReason::Malformed));
             };
             p.peer.addr = mapped_ip4(addr);
+            p.local.addr = mapped_ip4(local);
             p.transport = u32::from(transport);
             if version_ihl >> 4 != 4 {
                 return Err((p, DenyReason::Malformed));
@@ -151,13 +173,15 @@ fn read_packet<const EGRESS: bool>(ctx: &SkBuffContext) -> Result<Packet, (Packe
         }
         ETH_P_IPV6 => {
             p.family = AF_INET6;
-            let (Ok(next_header), Ok(addr)) = (
+            let (Ok(next_header), Ok(addr), Ok(local)) = (
                 ctx.load::<u8>(6),
                 ctx.load::<[u32; 4]>(if EGRESS { 24 } else { 8 }),
+                ctx.load::<[u32; 4]>(if EGRESS { 8 } else { 24 }),
             ) else {
                 return Err((p, DenyReason::Malformed));
             };
             p.peer.addr = addr;
+            p.local.addr = local;
             p.transport = u32::from(next_header);
             if p.transport != IPPROTO_TCP && p.transport != IPPROTO_UDP {
                 // Routing, hop-by-hop, destination options and fragment
@@ -173,10 +197,14 @@ fn read_packet<const EGRESS: bool>(ctx: &SkBuffContext) -> Result<Packet, (Packe
         return Err((p, refused.unwrap_or(DenyReason::Protocol)));
     }
     // TCP and UDP both start with the source port, then the destination.
-    let Ok(port) = ctx.load::<u16>(l4 + if EGRESS { 2 } else { 0 }) else {
+    let (Ok(port), Ok(local_port)) = (
+        ctx.load::<u16>(l4 + if EGRESS { 2 } else { 0 }),
+        ctx.load::<u16>(l4 + if EGRESS { 0 } else { 2 }),
+    ) else {
         return Err((p, DenyReason::Malformed));
     };
     p.peer.port = u16::from_be(port);
+    p.local.port = u16::from_be(local_port);
     match refused {
         Some(reason) => Err((p, reason)),
         None => Ok(p),

@@ -6,8 +6,14 @@ use clap::Args;
 
 use crate::{
     kernel::{AllowRule, UnixPath},
+    policy::HostPattern,
     sidecar::KernelOptions,
 };
+
+/// `--allow-dns NAME`: an exact name or `*.suffix`.
+pub fn parse_dns_name(s: &str) -> Result<HostPattern, String> {
+    HostPattern::parse(s)
+}
 
 /// Default listener port for redirected connections.
 pub const DEFAULT_LISTEN_PORT: u16 = 15443;
@@ -32,10 +38,17 @@ pub struct KernelArgs {
     #[arg(long = "allow-cidr", value_name = "CIDR[:PORT]")]
     pub allow_cidrs: Vec<AllowRule>,
 
-    /// DNS server the sandbox may query (UDP and TCP port 53; repeatable).
-    /// All other UDP is denied, and UDP 443 (QUIC) always is.
+    /// Upstream DNS server proxypilot's resolver asks (repeatable)
+    /// [default: the nameservers of /etc/resolv.conf]. The sandbox's DNS,
+    /// to any address, is answered by that resolver; all other UDP is
+    /// denied, and UDP 443 (QUIC) always is.
     #[arg(long = "dns", value_name = "ADDR")]
     pub dns: Vec<std::net::IpAddr>,
+
+    /// Name the sandbox may resolve besides the intercepted and --allow
+    /// hosts: exact, or *.suffix (repeatable). Other names get NXDOMAIN.
+    #[arg(long = "allow-dns", value_name = "NAME", value_parser = parse_dns_name)]
+    pub allow_dns: Vec<HostPattern>,
 
     /// Unix socket path the sandbox may connect or send to (repeatable).
     /// Every other unix socket outside the sandbox, and every abstract
@@ -52,6 +65,7 @@ impl KernelArgs {
             intercept_ports: self.intercept_ports.clone(),
             allow_cidrs: self.allow_cidrs.clone(),
             dns: self.dns.clone(),
+            allow_dns: self.allow_dns.clone(),
             allow_unix: self.allow_unix.clone(),
         }
     }

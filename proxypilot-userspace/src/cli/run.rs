@@ -44,9 +44,16 @@ pub struct RunArgs {
     #[arg(long = "allow-cidr", value_name = "CIDR[:PORT]")]
     pub allow_cidrs: Vec<AllowRule>,
 
-    /// DNS server CMD may query [default: the nameservers of /etc/resolv.conf].
+    /// Upstream DNS server proxypilot asks for CMD (repeatable) [default:
+    /// the nameservers of /etc/resolv.conf]. CMD's DNS, to any address, is
+    /// answered by proxypilot.
     #[arg(long = "dns", value_name = "ADDR")]
     pub dns: Vec<std::net::IpAddr>,
+
+    /// Name CMD may resolve besides the --secret, --target and --allow
+    /// hosts: exact, or *.suffix (repeatable). Other names get NXDOMAIN.
+    #[arg(long = "allow-dns", value_name = "NAME", value_parser = crate::cli::kernel_args::parse_dns_name)]
+    pub allow_dns: Vec<crate::policy::HostPattern>,
 
     /// Unix socket path CMD may connect or send to (repeatable); every
     /// other unix socket outside the sandbox, and every abstract name, is
@@ -118,6 +125,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         intercept_ports: args.intercept_ports.clone(),
         allow_cidrs: args.allow_cidrs.clone(),
         dns,
+        allow_dns: args.allow_dns.clone(),
         allow_unix: args.allow_unix.clone(),
     };
     let remote = args.tokenizer.as_ref().map(|url| RelayArgs {
@@ -146,10 +154,7 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
 
 /// The resolvers CMD would use: `nameserver` lines of /etc/resolv.conf.
 fn resolv_conf_nameservers() -> Vec<std::net::IpAddr> {
-    std::fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|ip| ip.trim().split('%').next()?.parse().ok())
-        .collect()
+    crate::dns::upstream::resolv_conf_nameservers(
+        &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+    )
 }

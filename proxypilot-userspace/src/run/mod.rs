@@ -252,19 +252,23 @@ fn hint_for(denial: &Denial) -> Option<String> {
     }
     let is_connect = matches!(denial.hook, Hook::Connect4 | Hook::Connect6);
     match (denial.protocol.as_str(), is_connect) {
+        // DNS to any address goes to proxypilot's resolver: refused only for
+        // a family the resolver does not listen on, or by the backstop.
+        ("tcp" | "udp", _) if port == proxypilot_common::DNS_PORT => Some(
+            "DNS is answered by proxypilot only (here it has no resolver for this address \
+             family, or the packet bypassed the socket hooks); to resolve a name the command \
+             may not reach otherwise, give --allow-dns NAME"
+                .to_string(),
+        ),
         ("tcp", _) => Some(format!(
             "Allow it with --allow-cidr {}, or --allow HOST for an HTTPS host",
             denial.origin.addr
         )),
         ("udp", true) if port != 53 => None,
-        ("udp", _) if port == 53 => Some(format!(
-            "Allow this DNS server with --dns {}",
-            denial.origin.addr.ip()
-        )),
         ("udp", _) if port == proxypilot_common::QUIC_PORT => {
             Some("QUIC is always refused; clients fall back to HTTPS over TCP".to_string())
         }
-        _ => Some("only DNS (--dns) may use UDP".to_string()),
+        _ => Some("only DNS may use UDP (proxypilot answers it)".to_string()),
     }
 }
 
@@ -322,6 +326,8 @@ fn embedded_settings(
     let settings = RelaySettings {
         targets,
         allow: Vec::new(),
+        allow_dns: Vec::new(),
+        dns: Vec::new(),
         tokenizer: TokenizerMode::Embedded {
             open_key_file: PathBuf::new(),
             upstream_ca: opts.upstream_ca.clone(),
@@ -433,9 +439,9 @@ mod tests {
         let tcp = hint_for(&denial("tcp", Hook::Connect4, "203.0.113.9:5432")).unwrap();
         assert!(tcp.contains("--allow-cidr 203.0.113.9:5432"), "{tcp}");
         let dns = hint_for(&denial("udp", Hook::Sendmsg4, "198.51.100.1:53")).unwrap();
-        assert!(dns.contains("--dns 198.51.100.1"), "{dns}");
-        let dns = hint_for(&denial("udp", Hook::Connect6, "[2001:db8::1]:53")).unwrap();
-        assert!(dns.contains("--dns 2001:db8::1"), "{dns}");
+        assert!(dns.contains("answered by proxypilot"), "{dns}");
+        let dns = hint_for(&denial("tcp", Hook::Connect6, "[2001:db8::1]:53")).unwrap();
+        assert!(dns.contains("--allow-dns"), "{dns}");
         // glibc's RFC 6724 sorting connects UDP sockets to port 443 and sends nothing.
         assert_eq!(
             hint_for(&denial("udp", Hook::Connect4, "203.0.113.11:443")),
