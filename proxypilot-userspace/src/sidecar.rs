@@ -110,6 +110,8 @@ pub struct Sidecar {
     resolver: Arc<Resolver>,
     /// Where the resolver listens (the kernel sends port 53 there).
     resolver_addrs: DnsResolver,
+    /// The servers it asks, which pass-through resolves through too.
+    upstreams: Arc<Upstreams>,
     /// The kernel options from flags (a reload adds the file's rules anew).
     kernel_flags: KernelOptions,
     /// The settings in force, to tell a reload what it may not change.
@@ -129,7 +131,12 @@ impl Sidecar {
     ) -> Result<Sidecar> {
         let kernel = kernel_flags.with_file(&settings.file_kernel);
         let ca = settings.load_ca()?;
-        let relay = Arc::new(settings.build_relay(ca, kernel.allowed_nets(), embedded)?);
+        let upstreams = Arc::new(dns_upstreams(&kernel, settings));
+        let relay = Arc::new(
+            settings
+                .build_relay(ca, kernel.allowed_nets(), embedded)?
+                .resolving_through(upstreams.clone()),
+        );
 
         let listeners = bind_all(&kernel.listen).await?;
         let listen: Vec<SocketAddr> = listeners
@@ -169,7 +176,7 @@ impl Sidecar {
 
         let resolver = Arc::new(Resolver::new(
             dns_names(&kernel, settings),
-            dns_upstreams(&kernel, settings),
+            (*upstreams).clone(),
             Arc::new(KernelSenders(attachment.clone())),
         ));
 
@@ -211,6 +218,7 @@ impl Sidecar {
             info,
             resolver,
             resolver_addrs,
+            upstreams,
             kernel_flags: kernel_flags.clone(),
             settings: Mutex::new(settings.clone()),
             tasks,
@@ -268,7 +276,9 @@ impl Sidecar {
         } else {
             old.ca().clone()
         };
-        let relay = settings.build_relay(ca, kernel.allowed_nets(), embedded)?;
+        let relay = settings
+            .build_relay(ca, kernel.allowed_nets(), embedded)?
+            .resolving_through(self.upstreams.clone());
         let relay = Arc::new(relay.inheriting(&old));
         self.attachment
             .set_policy(&policy)

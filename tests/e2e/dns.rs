@@ -364,3 +364,64 @@ except socket.timeout:
     pass
 print(json.dumps(counts))
 "#;
+
+/// Pass-through dials what the sandbox's DNS said (issue 16, item 3): the
+/// sidecar's own resolv.conf (the stub on 203.0.113.53) says
+/// passthrough.test is at .14, the `--dns` server the sandbox's DNS is
+/// answered from says .24, and the connection goes to .24.
+#[test]
+fn pass_through_dials_the_address_the_sandboxs_dns_gave() {
+    require_root!();
+    const ALT_HOST: &str = "alt.test";
+    const ALT_DNS: &str = "203.0.113.55";
+    let mut hosts = upstream::standard_hosts();
+    hosts.push(HostSpec::new(
+        PASS_HOST,
+        Api::Generic,
+        &["203.0.113.14:443"],
+    ));
+    hosts.push(HostSpec::new(ALT_HOST, Api::Generic, &["203.0.113.24:443"]));
+    let net = FakeInternet::start_with(RealKeys::default(), hosts, &["203.0.113.55/32"]);
+    let _alt_dns = proxypilot_tests::dns::StubDns::start(
+        format!("{ALT_DNS}:53").parse().unwrap(),
+        [(PASS_HOST.to_string(), vec!["203.0.113.24".parse().unwrap()])].into(),
+    );
+    let fly = FlyShape::start(
+        &net,
+        "dns-passthrough",
+        Tokenizer::Embedded,
+        &["--allow", PASS_HOST, "--dns", ALT_DNS],
+    );
+    // -k: the fake's own certificate, which the sandbox does not trust;
+    // only where the bytes went matters here.
+    let out = fly
+        .sandbox(&net, "curl")
+        .args([
+            "-sSk",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("https://{PASS_HOST}/echo"))
+        .command()
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        (
+            net.apis.requests_to(ALT_HOST).len(),
+            net.apis.requests_to(PASS_HOST).len()
+        ),
+        (1, 0),
+        "the pass-through dialled the host resolver's address, not the sandbox's"
+    );
+}

@@ -147,7 +147,13 @@ impl FlyShape {
             .arg("sidecar")
             .arg("--cgroup")
             .arg(cgroup.path())
-            .args(["--dns", DNS_IP, "--state-dir"])
+            // The stub DNS unless `extra` names other servers.
+            .args(if extra.contains(&"--dns") {
+                vec![]
+            } else {
+                vec!["--dns", DNS_IP]
+            })
+            .arg("--state-dir")
             .arg(dir.join("state"))
             .arg("--ca-out")
             .arg(&ca)

@@ -7,7 +7,10 @@ use std::{
     time::Duration,
 };
 
-use hickory_proto::op::Message;
+use hickory_proto::{
+    op::{Message, MessageType, OpCode, Query},
+    rr::{Name, RData, RecordType},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpStream, UdpSocket},
@@ -69,6 +72,37 @@ impl Upstreams {
             tried: self.servers.len(),
             last,
         })
+    }
+}
+
+impl Upstreams {
+    /// The addresses of `host` (its A and AAAA records, CNAMEs followed by
+    /// the server) with `port`: what the pass-through relay dials, so that
+    /// it dials what the sandbox's DNS was told, from the same servers.
+    pub async fn lookup_host(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, why);
+        let name = Name::from_ascii(host).map_err(|e| bad(format!("{host}: {e}")))?;
+        let mut out = Vec::new();
+        let mut last_error = None;
+        for qtype in [RecordType::A, RecordType::AAAA] {
+            let mut msg = Message::new(0, MessageType::Query, OpCode::Query);
+            msg.metadata.recursion_desired = true;
+            msg.add_query(Query::query(name.clone(), qtype));
+            let bytes = msg.to_vec().map_err(|e| bad(e.to_string()))?;
+            let q = Question::parse(&bytes).map_err(|e| bad(format!("{host}: {e}")))?;
+            match self.ask(&q).await {
+                Ok(answer) => out.extend(answer.answers.iter().filter_map(|r| match &r.data {
+                    RData::A(a) => Some(SocketAddr::new(IpAddr::V4(a.0), port)),
+                    RData::AAAA(a) => Some(SocketAddr::new(IpAddr::V6(a.0), port)),
+                    _ => None,
+                })),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        match (out.is_empty(), last_error) {
+            (true, Some(e)) => Err(std::io::Error::other(e.to_string())),
+            _ => Ok(out),
+        }
     }
 }
 

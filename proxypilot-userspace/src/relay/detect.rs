@@ -53,6 +53,7 @@ impl Relay {
                     &hello,
                     &dial,
                     &self.policy,
+                    self.pass_through_dns.as_deref(),
                     self.limits.connect_timeout,
                 )
                 .await

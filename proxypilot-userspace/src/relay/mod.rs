@@ -150,6 +150,9 @@ pub struct Relay {
     rules: rules::Rules,
     metrics: Arc<metrics::Metrics>,
     http: auto::Builder<TokioExecutor>,
+    /// Where pass-through resolves names: the sandbox DNS's upstreams
+    /// (see [`Relay::resolving_through`]); `None`: the host's resolver.
+    pass_through_dns: Option<Arc<crate::dns::Upstreams>>,
 }
 
 impl Relay {
@@ -231,7 +234,16 @@ impl Relay {
             metrics: Arc::new(metrics::Metrics::new(hosts)),
             limits,
             http,
+            pass_through_dns: None,
         })
+    }
+
+    /// This relay, resolving pass-through hosts through `upstreams`: the
+    /// servers the sandbox's DNS is answered from, so a pass-through
+    /// connection goes where the sandbox was told the host is.
+    pub fn resolving_through(mut self, upstreams: Arc<crate::dns::Upstreams>) -> Relay {
+        self.pass_through_dns = Some(upstreams);
+        self
     }
 
     /// This relay, built from a reloaded configuration, carrying over what

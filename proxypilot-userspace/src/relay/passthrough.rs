@@ -35,30 +35,41 @@ pub enum PassError {
 /// used for a named host, and internal addresses it resolves to are not
 /// dialled unless `--allow-cidr` allows them: see
 /// [`Policy::check_resolved`]), replays the ClientHello and copies both ways.
+/// Names are resolved through `dns` (the servers the sandbox's DNS is
+/// answered from, so the relay dials what the sandbox was told), else
+/// through the host's resolver.
 /// Returns (bytes client→server including the ClientHello, server→client).
 pub async fn pass_through(
     mut client: TcpStream,
     hello: &ClientHello,
     dial: &Dial,
     policy: &Policy,
+    dns: Option<&crate::dns::Upstreams>,
     connect_timeout: Duration,
 ) -> Result<(u64, u64), PassError> {
     let (target, addrs) = match dial {
         Dial::Host { host, port } => {
-            let addrs: Vec<SocketAddr> = tokio::time::timeout(
-                connect_timeout,
-                tokio::net::lookup_host((host.as_str(), *port)),
-            )
-            .await
-            .map_err(|_| PassError::Resolve {
-                host: host.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS lookup timed out"),
-            })?
-            .map_err(|source| PassError::Resolve {
-                host: host.clone(),
-                source,
-            })?
-            .collect();
+            let lookup = async {
+                match dns {
+                    Some(upstreams) => upstreams.lookup_host(host, *port).await,
+                    None => tokio::net::lookup_host((host.as_str(), *port))
+                        .await
+                        .map(Iterator::collect),
+                }
+            };
+            let addrs: Vec<SocketAddr> = tokio::time::timeout(connect_timeout, lookup)
+                .await
+                .map_err(|_| PassError::Resolve {
+                    host: host.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "DNS lookup timed out",
+                    ),
+                })?
+                .map_err(|source| PassError::Resolve {
+                    host: host.clone(),
+                    source,
+                })?;
             if addrs.is_empty() {
                 return Err(PassError::NoAddress { host: host.clone() });
             }
