@@ -22,7 +22,11 @@ fn split(data: &[u8]) -> (&[u8], Option<&[u8]>) {
 /// An answer the resolver sends: a response to the client's id with its
 /// question, that parses again.
 fn check_answer(q: &Question, bytes: &[u8], limit: usize) {
-    assert!(bytes.len() <= limit, "answer of {} over {limit}", bytes.len());
+    assert!(
+        bytes.len() <= limit,
+        "answer of {} over {limit}",
+        bytes.len()
+    );
     let a = Question::parse(bytes);
     // A response is not a query: parse refuses it, for this reason only.
     assert_eq!(
@@ -40,17 +44,27 @@ fuzz_target!(|data: &[u8]| {
     };
     // What the policy matches: lowercase, within the caps.
     assert!(q.key.len() <= MAX_NAME_LEN, "key length");
-    assert!(!q.key.bytes().any(|b| b.is_ascii_uppercase()), "key case: {:?}", q.key);
-    assert!(q.name.iter().all(|l| l.len() <= MAX_LABEL_LEN), "label length");
+    assert!(
+        !q.key.bytes().any(|b| b.is_ascii_uppercase()),
+        "key case: {:?}",
+        q.key
+    );
+    assert!(
+        q.name.iter().all(|l| l.len() <= MAX_LABEL_LEN),
+        "label length"
+    );
     // A key in host-name characters (the only ones an allowed pattern has)
     // is exactly the labels joined by dots: a label holding a dot, or any
     // other byte, shows escaped and can never match an allowed name.
-    let plain = q
-        .key
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.');
+    let plain = q.key.bytes().all(|b| {
+        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_' || b == b'.'
+    });
     if q.host_name {
-        assert!(plain && !q.key.is_empty(), "a host name with an odd key: {:?}", q.key);
+        assert!(
+            plain && !q.key.is_empty(),
+            "a host name with an odd key: {:?}",
+            q.key
+        );
     }
     if plain && !q.key.is_empty() {
         let joined: Vec<String> = q
