@@ -128,32 +128,9 @@ def pings(host):
     sock = connect(host)
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
-    conn.send_headers(
-        1,
-        [
-            (":method", "GET"),
-            (":scheme", "https"),
-            (":authority", host),
-            (":path", "/echo"),
-            ("x-api-key", "dummy"),
-        ],
-        end_stream=True,
-    )
-    sock.sendall(conn.data_to_send())
-    status, ended = None, False
-    deadline = time.time() + 10
-    while not ended and time.time() < deadline:
-        done, data = closed(sock)
-        if done:
-            return {"status": status, "closed_after": 0, "ended": False}
-        for ev in conn.receive_data(data):
-            if isinstance(ev, h2.events.ResponseReceived):
-                status = int(dict(ev.headers)[b":status"])
-            elif isinstance(ev, h2.events.DataReceived):
-                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            elif isinstance(ev, h2.events.StreamEnded):
-                ended = True
-        sock.sendall(conn.data_to_send())
+    status, ended = get_echo(sock, conn, host)
+    if not ended:
+        return {"status": status, "closed_after": 0, "ended": False}
     start = time.time()
     while time.time() - start < LIMIT:
         try:
