@@ -19,7 +19,7 @@ use crate::{
         OriginalDestination, UnixPath,
     },
     policy::{AllowedNet, HostPattern},
-    relay::{self, Forward, LiveRelay, Redirections, Relay},
+    relay::{self, LiveRelay, Redirections, Relay},
     settings::{FileKernelRules, RelaySettings},
     tls::ca::CertAuthority,
 };
@@ -126,7 +126,6 @@ impl Sidecar {
         cgroup: &Path,
         kernel_flags: &KernelOptions,
         settings: &RelaySettings,
-        embedded: Option<Arc<dyn Forward>>,
         on_denial: impl FnMut(Denial) + Send + 'static,
     ) -> Result<Sidecar> {
         let kernel = kernel_flags.with_file(&settings.file_kernel);
@@ -134,7 +133,7 @@ impl Sidecar {
         let upstreams = Arc::new(dns_upstreams(&kernel, settings));
         let relay = Arc::new(
             settings
-                .build_relay(ca, kernel.allowed_nets(), embedded)?
+                .build_relay(ca, kernel.allowed_nets())?
                 .resolving_through(upstreams.clone()),
         );
 
@@ -240,20 +239,13 @@ impl Sidecar {
     /// `--ca-out` rewritten) only when the intercepted hosts change.
     /// `load` reads the configuration anew; a failure there is a refused
     /// reload too (and counted as one).
-    pub fn reload(
-        &self,
-        load: impl FnOnce() -> Result<(RelaySettings, Option<Arc<dyn Forward>>)>,
-    ) -> Result<ReloadSummary> {
-        let result = load().and_then(|(settings, embedded)| self.try_reload(&settings, embedded));
+    pub fn reload(&self, load: impl FnOnce() -> Result<RelaySettings>) -> Result<ReloadSummary> {
+        let result = load().and_then(|settings| self.try_reload(&settings));
         self.live.get().metrics().reloaded(result.is_ok());
         result
     }
 
-    fn try_reload(
-        &self,
-        settings: &RelaySettings,
-        embedded: Option<Arc<dyn Forward>>,
-    ) -> Result<ReloadSummary> {
+    fn try_reload(&self, settings: &RelaySettings) -> Result<ReloadSummary> {
         let mut in_force = self.settings.lock().unwrap_or_else(|p| p.into_inner());
         needs_no_restart(&in_force, settings)?;
         let kernel = self.kernel_flags.with_file(&settings.file_kernel);
@@ -271,13 +263,13 @@ impl Sidecar {
             // Validate against a throwaway CA first: a refused reload must
             // not replace the CA on disk (or the sandbox's --ca-out copy).
             let probe = Arc::new(CertAuthority::ephemeral(&hosts)?);
-            settings.build_relay(probe, kernel.allowed_nets(), embedded.clone())?;
+            settings.build_relay(probe, kernel.allowed_nets())?;
             settings.load_ca()?
         } else {
             old.ca().clone()
         };
         let relay = settings
-            .build_relay(ca, kernel.allowed_nets(), embedded)?
+            .build_relay(ca, kernel.allowed_nets())?
             .resolving_through(self.upstreams.clone());
         let relay = Arc::new(relay.inheriting(&old));
         self.attachment

@@ -108,9 +108,6 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
     if args.secrets.is_empty() && args.targets.is_empty() {
         tracing::warn!("no --secret given: CMD runs sandboxed, but no key is injected");
     }
-    if args.tokenizer.is_some() && !args.upstream_ca.is_empty() {
-        anyhow::bail!("--upstream-ca only applies to the embedded tokenizer; a remote tokenizer has its own trust");
-    }
     let dns = if args.dns.is_empty() {
         resolv_conf_nameservers()
     } else {
@@ -128,25 +125,23 @@ pub async fn run(args: RunArgs) -> Result<ExitCode> {
         allow_dns: args.allow_dns.clone(),
         allow_unix: args.allow_unix.clone(),
     };
-    let remote = args.tokenizer.as_ref().map(|url| RelayArgs {
-        targets: args.targets.clone(),
-        tokenizer: Some(url.clone()),
-        tokenizer_auth_env: args.tokenizer_auth_env.clone(),
-        info_port: Some(crate::settings::DEFAULT_INFO_PORT),
-        limits: args.limits.clone(),
+    // The relay's part, validated as the sidecar's is (RelayArgs::resolve_for_run).
+    let relay = RelayArgs {
+        targets: args.targets,
+        allow: args.allow,
+        permits: args.permits,
+        tokenizer: args.tokenizer,
+        tokenizer_auth_env: args.tokenizer_auth_env,
+        upstream_ca: args.upstream_ca,
         metrics_listen: args.metrics_listen,
+        limits: args.limits,
         ..Default::default()
-    });
+    };
     run::run(RunOptions {
         secrets: args.secrets,
-        remote,
-        permits: args.permits,
-        allow: args.allow,
+        relay,
         kernel,
-        upstream_ca: args.upstream_ca,
         user: args.user,
-        limits: args.limits,
-        metrics_listen: args.metrics_listen,
         command: args.command,
     })
     .await

@@ -12,11 +12,7 @@ use crate::{settings::RelayArgs, sidecar::Sidecar};
 /// SIGHUP: re-reads the flags' config file and the secrets' variables and
 /// files, and puts them in force, or logs why not and keeps what runs.
 fn reload(sidecar: &Sidecar, args: &RelayArgs) {
-    let attempt = sidecar.reload(|| {
-        let settings = args.resolve()?;
-        let embedded = crate::relay::embedded::from_settings(&settings)?;
-        Ok((settings, embedded))
-    });
+    let attempt = sidecar.reload(|| args.resolve());
     match attempt {
         Ok(done) if done.ca_reissued => tracing::warn!(
             intercepted = ?done.intercepted_hosts,
@@ -59,7 +55,6 @@ pub struct SidecarArgs {
 pub async fn run(args: SidecarArgs) -> Result<ExitCode> {
     // All configuration is validated before anything binds or attaches.
     let settings = args.relay.resolve()?;
-    let embedded = crate::relay::embedded::from_settings(&settings)?;
     if args.check {
         crate::kernel::cgroup::ensure_cgroup2_dir(&args.cgroup.cgroup)?;
         println!(
@@ -77,7 +72,6 @@ pub async fn run(args: SidecarArgs) -> Result<ExitCode> {
         &args.cgroup.cgroup,
         &args.kernel.options(),
         &settings,
-        embedded,
         |denial| {
             if denial.is_address_probe() {
                 tracing::debug!(target: "denied", "{denial}");

@@ -9,10 +9,7 @@ use std::sync::Arc;
 use http::{Request, Response};
 
 use super::{errors::ForwardError, forward::BoxFuture, Forward, Limits, RelayBody};
-use crate::{
-    settings::{RelaySettings, TokenizerMode},
-    tokenizer::{server, Engine, UpstreamClient, UpstreamClientConfig},
-};
+use crate::tokenizer::{server, Engine, UpstreamClient, UpstreamClientConfig};
 
 /// The engine plus its pooled HTTPS client to the upstream APIs.
 pub struct EmbeddedTokenizer {
@@ -62,22 +59,4 @@ impl Forward for EmbeddedTokenizer {
             }
         })
     }
-}
-
-/// The embedded forwarder for `--tokenizer embedded`, or `None` for a
-/// remote tokenizer.
-pub fn from_settings(settings: &RelaySettings) -> anyhow::Result<Option<Arc<dyn Forward>>> {
-    let TokenizerMode::Embedded {
-        open_key_file,
-        upstream_ca,
-    } = &settings.tokenizer
-    else {
-        return Ok(None);
-    };
-    let engine = Engine::from_file(open_key_file)?;
-    Ok(Some(EmbeddedTokenizer::new(
-        engine,
-        upstream_ca,
-        &settings.limits,
-    )?))
 }

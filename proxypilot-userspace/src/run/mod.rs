@@ -32,31 +32,23 @@ use self::{
 };
 use crate::{
     kernel::{cgroup, cgroup::OwnedCgroup, denials::Denial},
-    policy::HostPattern,
-    relay::{embedded::EmbeddedTokenizer, Forward, Limits},
-    settings::{LimitArgs, RelayArgs, RelaySettings, SecretString, Target, TokenizerMode},
+    settings::{RelayArgs, RelaySettings, SealedInProcess, SecretString, Target},
     sidecar::{KernelOptions, Sidecar},
-    tokenizer::{seal, Engine, OpenKey},
+    tokenizer::{seal, OpenKey},
 };
 
 /// The value secret variables hold inside the sandbox.
 pub const DUMMY: &str = "dummy";
 
-/// Everything `proxypilot run` was asked to do, validated by the CLI.
+/// Everything `proxypilot run` was asked to do, parsed by the CLI.
 pub struct RunOptions {
     pub secrets: Vec<SecretSpec>,
-    /// `--tokenizer URL` with `--target HOST=ENVVAR` (pre-sealed secrets).
-    pub remote: Option<RelayArgs>,
-    /// `--permit HOST METHOD PATH`, for the hosts of the secrets or targets.
-    pub permits: Vec<String>,
-    pub allow: Vec<String>,
+    /// The relay's flags (`--tokenizer URL` with `--target HOST=ENVVAR`
+    /// for pre-sealed secrets, permits, allow lists, limits, metrics), as
+    /// the sidecar's; `resolve_for_run` validates them.
+    pub relay: RelayArgs,
     pub kernel: KernelOptions,
-    pub upstream_ca: Vec<PathBuf>,
     pub user: Option<String>,
-    /// Caps and timeouts, as for the sidecar.
-    pub limits: LimitArgs,
-    /// `--metrics-listen`, as for the sidecar.
-    pub metrics_listen: Option<std::net::SocketAddr>,
     pub command: Vec<OsString>,
 }
 
@@ -67,10 +59,6 @@ pub async fn run(opts: RunOptions) -> Result<ExitCode> {
         anyhow::anyhow!("no command given: proxypilot run [OPTIONS] -- CMD [ARGS...]")
     })?;
     let tokens = read_secret_values(&opts.secrets)?;
-    // (With a remote tokenizer, `RelayArgs::resolve` checks them.)
-    let limits = opts
-        .limits
-        .resolve_for_run(&|host| opts.secrets.iter().any(|s| s.host == host))?;
     let identity = match opts.user.as_deref() {
         Some(name) => Identity::User(RunAs::lookup(name)?),
         None => identity::pick_fresh()?,
@@ -83,21 +71,10 @@ pub async fn run(opts: RunOptions) -> Result<ExitCode> {
         dirs: Some(RunDirs::create(&identity)?),
     };
     let private = cleanup.dirs.as_ref().unwrap().private.clone();
-    let (mut settings, embedded) = match &opts.remote {
-        Some(remote) => {
-            let mut args = remote.clone();
-            args.state_dir = Some(private);
-            (args.resolve()?, None)
-        }
-        None => embedded_settings(&opts, &tokens, limits, &private)?,
-    };
-    settings.add_permits(&opts.permits)?;
-    for a in &opts.allow {
-        let p = HostPattern::parse(a).map_err(|e| anyhow::anyhow!("--allow {a:?}: {e}"))?;
-        if !settings.allow.contains(&p) {
-            settings.allow.push(p);
-        }
-    }
+    let mut relay_args = opts.relay.clone();
+    relay_args.state_dir = Some(private);
+    let settings =
+        relay_args.resolve_for_run(&|k| std::env::var(k).ok(), sealed_in_memory(&opts, &tokens))?;
 
     let parent = cgroup::cgroup_of("self")?;
     let sandbox = OwnedCgroup::create(&parent, &format!("proxypilot-run-{}", std::process::id()))?;
@@ -109,7 +86,6 @@ pub async fn run(opts: RunOptions) -> Result<ExitCode> {
         &cgroup_path,
         &opts.kernel,
         &settings,
-        embedded,
         move |denial| match hint_for(&denial) {
             Some(hint) if !hinted.swap(true, Ordering::Relaxed) => {
                 eprintln!("proxypilot: blocked {denial}. {hint}")
@@ -169,18 +145,14 @@ fn withheld(opts: &RunOptions, tokens: &[SecretString], settings: &RelaySettings
     };
     w.values
         .extend(tokens.iter().map(|t| t.expose().to_string()));
-    if opts.remote.is_some() {
+    if opts.relay.tokenizer.is_some() {
         for t in &settings.targets {
             w.names.push(t.secret_name.clone());
             w.values.push(t.sealed.expose().to_string());
         }
     }
-    if let Some(var) = opts
-        .remote
-        .as_ref()
-        .and_then(|r| r.tokenizer_auth_env.clone())
-    {
-        w.names.push(var);
+    if let Some(var) = &opts.relay.tokenizer_auth_env {
+        w.names.push(var.clone());
     }
     if let Some(auth) = &settings.proxy_authorization {
         let token = auth.expose();
@@ -299,48 +271,23 @@ fn read_secret_values(specs: &[SecretSpec]) -> Result<Vec<SecretString>> {
 }
 
 /// Seals each secret in memory to a fresh key pair whose private half never
-/// leaves this process, and builds the embedded tokenizer that opens them.
-fn embedded_settings(
-    opts: &RunOptions,
-    tokens: &[SecretString],
-    limits: Limits,
-    state_dir: &Path,
-) -> Result<(RelaySettings, Option<Arc<dyn Forward>>)> {
+/// leaves this process: the embedded engine opens them with it.
+fn sealed_in_memory(opts: &RunOptions, tokens: &[SecretString]) -> SealedInProcess {
     let open_key = OpenKey::generate();
     let seal_key = open_key.seal_key();
-    let mut targets: Vec<Target> = Vec::new();
-    for (spec, token) in opts.secrets.iter().zip(tokens) {
-        if targets.iter().any(|t| t.host == spec.host) {
-            bail!("two secrets for {}; give each host one --secret", spec.host);
-        }
-        targets.push(Target {
+    let targets = opts
+        .secrets
+        .iter()
+        .zip(tokens)
+        .map(|(spec, token)| Target {
             host: spec.host.clone(),
             secret_name: spec.var.clone(),
             sealed: SecretString::new(seal(&seal_key, &spec.to_secret(token.expose()))),
             slots: spec.slots.clone(),
             permits: Vec::new(),
-        });
-    }
-    let embedded: Arc<dyn Forward> =
-        EmbeddedTokenizer::new(Engine::new(open_key), &opts.upstream_ca, &limits)?;
-    let settings = RelaySettings {
-        targets,
-        allow: Vec::new(),
-        allow_dns: Vec::new(),
-        dns: Vec::new(),
-        tokenizer: TokenizerMode::Embedded {
-            open_key_file: PathBuf::new(),
-            upstream_ca: opts.upstream_ca.clone(),
-        },
-        proxy_authorization: None,
-        state_dir: state_dir.to_path_buf(),
-        ca_out: None,
-        info_port: 0,
-        metrics_listen: opts.metrics_listen,
-        limits,
-        file_kernel: Default::default(),
-    };
-    Ok((settings, Some(embedded)))
+        })
+        .collect();
+    SealedInProcess { open_key, targets }
 }
 
 /// A private directory (0700: the CA key), a public one (0755: the CA
