@@ -38,4 +38,4 @@ pub use flysrc::FlySrcVerifier;
 pub use keys::{OpenKey, SealKey};
 pub use seal::{open, seal};
 pub use secret::Secret;
-pub use server::{forward_request, serve, TokenizerService};
+pub use server::{forward_request, serve_connection, TokenizerService};

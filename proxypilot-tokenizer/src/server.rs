@@ -25,7 +25,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 
 use super::body::ProxyBody;
 use super::client::UpstreamClient;
@@ -67,36 +67,22 @@ pub struct TokenizerService {
     pub open_proxy: bool,
 }
 
-/// Serve proxy requests on `listener` until the task is dropped or
-/// accepting fails fatally.
-pub async fn serve(listener: TcpListener, config: TokenizerService) -> anyhow::Result<()> {
-    let cfg = Arc::new(config);
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends pass; do not spin on them.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+/// Serves proxy requests on one accepted connection (HTTP/1.1, keep-alive,
+/// upgrades) until it ends. The accept loop is the caller's: the
+/// `proxypilot tokenizer` command runs the one every listener shares.
+pub async fn serve_connection(cfg: Arc<TokenizerService>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let svc = service_fn(move |req| {
         let cfg = cfg.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let cfg = cfg.clone();
-                async move { Ok::<_, Infallible>(handle(&cfg, req, peer).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades()
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
-            }
-        });
+        async move { Ok::<_, Infallible>(handle(&cfg, req, peer).await) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades()
+        .await
+    {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
 }
 

@@ -5,6 +5,7 @@
 //! `relay`) and injects sealed credentials through the tokenizer
 //! (`tokenizer`).
 
+pub mod accept;
 pub mod audit;
 pub mod cli;
 pub mod dns;

@@ -21,26 +21,23 @@ where
     F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
     let respond = Arc::new(respond);
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::error!(error = %e, server = what, "accept failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+    crate::accept::serve(
+        listener,
+        what,
+        crate::accept::every(move |stream, _| {
+            let respond = respond.clone();
+            async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let respond = respond.clone();
+                    async move { Ok::<_, Infallible>(respond(&req)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(5))
+                    .serve_connection(TokioIo::new(stream), svc);
+                let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
             }
-        };
-        let respond = respond.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let respond = respond.clone();
-                async move { Ok::<_, Infallible>(respond(&req)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
-                .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-        });
-    }
+        }),
+    )
+    .await
 }

@@ -461,11 +461,7 @@ pub async fn start_tokenizer(
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        if let Err(e) = proxypilot::tokenizer::serve(listener, config).await {
-            panic!("the tokenizer stopped: {e:#}");
-        }
-    });
+    let task = tokio::spawn(proxypilot::cli::tokenizer::serve(listener, config));
     Tokenizer { addr, engine, task }
 }
 

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::tokenizer::{
-    serve, Engine, FlySrcVerifier, TokenizerService, UpstreamClient, UpstreamClientConfig,
+    serve_connection, Engine, FlySrcVerifier, TokenizerService, UpstreamClient,
+    UpstreamClientConfig,
 };
 
 /// Run a tokenizer: an HTTP proxy that opens sealed secrets and injects
@@ -100,10 +101,22 @@ pub async fn run(args: TokenizerArgs) -> anyhow::Result<ExitCode> {
         "tokenizer listening"
     );
     tokio::select! {
-        r = serve(listener, config) => r?,
+        _ = serve(listener, config) => {}
         _ = super::shutdown_signal() => tracing::info!("shutting down"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves the tokenizer on `listener` through the accept loop every
+/// listener shares, until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, config: TokenizerService) {
+    let config = Arc::new(config);
+    crate::accept::serve(
+        listener,
+        "tokenizer",
+        crate::accept::every(move |stream, peer| serve_connection(config.clone(), stream, peer)),
+    )
+    .await
 }
 
 #[cfg(test)]

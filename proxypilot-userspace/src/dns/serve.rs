@@ -251,24 +251,35 @@ pub fn serve_udp(sock: UdpSocket, resolver: Arc<Resolver>) -> JoinHandle<()> {
 
 /// Serves DNS over TCP (length-prefixed messages) on `listener`.
 pub fn serve_tcp(listener: TcpListener, resolver: Arc<Resolver>) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                continue;
-            };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                tracing::debug!(target: "dns", %peer, "too many DNS connections; closing one");
-                continue;
-            };
-            let resolver = resolver.clone();
-            tokio::spawn(async move {
-                let who = resolver.senders.tcp(peer);
-                let _ = serve_connection(stream, &resolver, who.as_ref()).await;
-                drop(slot);
-            });
-        }
-    })
+    tokio::spawn(crate::accept::serve(
+        listener,
+        "dns",
+        TcpAdmission {
+            resolver,
+            slots: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
+        },
+    ))
+}
+
+/// A DNS-over-TCP connection takes one of a fixed number of slots.
+struct TcpAdmission {
+    resolver: Arc<Resolver>,
+    slots: Arc<Semaphore>,
+}
+
+impl crate::accept::Admission for TcpAdmission {
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) -> Option<crate::accept::Serve> {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            tracing::debug!(target: "dns", %peer, "too many DNS connections; closing one");
+            return None;
+        };
+        let resolver = self.resolver.clone();
+        Some(Box::pin(async move {
+            let who = resolver.senders.tcp(peer);
+            let _ = serve_connection(stream, &resolver, who.as_ref()).await;
+            drop(slot);
+        }))
+    }
 }
 
 async fn serve_connection(

@@ -1,12 +1,13 @@
-//! Stage one of a connection: accept it, admit it only if the kernel
+//! Stage one of a connection: accept it (the loop is [`crate::accept`]'s), admit it only if the kernel
 //! redirected it from the sandbox and a connection slot is free, and hand
 //! it to `detect` on its own task.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::accept::{Admission, Serve};
 
 use super::metrics::Denial;
 use super::{redirected, LiveRelay, Redirections};
@@ -18,53 +19,22 @@ use crate::logbudget::refusals;
 /// at once, before its ClientHello is read, and logged with its peer. Each
 /// connection is handled by the relay live when it was accepted.
 pub async fn serve(listener: TcpListener, live: Arc<LiveRelay>, redirections: impl Redirections) {
-    // One spare descriptor, given up when the process runs out of them
-    // (EMFILE/ENFILE) so the waiting connection can be accepted and closed
-    // at once: without it, connections queued in the backlog would sit there
-    // unanswered (a client-side hang) until descriptors came back. Found by
-    // the fd-exhaustion fault test (tests/e2e/faults.rs).
-    let mut reserve = std::fs::File::open("/dev/null").ok();
-    loop {
-        let accepted = listener.accept().await;
-        let relay = live.get();
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) if is_out_of_fds(&e) && reserve.is_some() => {
-                drop(reserve.take());
-                // Never wait here: with the spare given up, a blocked accept
-                // would keep it given up.
-                let ready = std::future::poll_fn(|cx| match listener.poll_accept(cx) {
-                    std::task::Poll::Pending => std::task::Poll::Ready(None),
-                    std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
-                })
-                .await;
-                if let Some(Ok((shed, peer))) = ready {
-                    let _ = redirections.take(peer); // consume the kernel's record
-                    const REASON: &str = "out of file descriptors";
-                    relay.metrics().denied(Denial::Connection);
-                    if refusals().admit(REASON, 0, "") {
-                        tracing::warn!(%peer, verdict = "deny", reason = REASON, "closing connection");
-                    }
-                    drop(shed);
-                }
-                reserve = std::fs::File::open("/dev/null").ok();
-                continue;
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::error!(error = %e, "accept failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                reserve = reserve.or_else(|| std::fs::File::open("/dev/null").ok());
-                continue;
-            }
-        };
-        if reserve.is_none() {
-            reserve = std::fs::File::open("/dev/null").ok();
-        }
-        let Some(origin) = redirections.take(peer) else {
+    crate::accept::serve(listener, "relay", Admit { live, redirections }).await
+}
+
+/// The relay's admission: a kernel record, then a connection slot.
+struct Admit<R> {
+    live: Arc<LiveRelay>,
+    redirections: R,
+}
+
+impl<R: Redirections> Admission for Admit<R> {
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) -> Option<Serve> {
+        let relay = self.live.get();
+        let Some(origin) = self.redirections.take(peer) else {
             relay.metrics().denied(Denial::Connection);
             refuse_unredirected(&stream, peer);
-            continue;
+            return None;
         };
         let permit = match relay.try_admit(origin.pid) {
             Ok(slot) => slot,
@@ -73,14 +43,23 @@ pub async fn serve(listener: TcpListener, live: Arc<LiveRelay>, redirections: im
                 if refusals().admit(no.reason(), origin.pid, &origin.comm) {
                     tracing::warn!(%peer, pid = origin.pid, comm = %origin.comm, max = relay.limits.max_connections, max_per_process = relay.limits.max_connections_per_process, verdict = "deny", reason = no.reason(), "closing connection");
                 }
-                continue;
+                return None;
             }
         };
-        let live = live.clone();
-        tokio::spawn(async move {
+        let live = self.live.clone();
+        Some(Box::pin(async move {
             relay.handle_connection(live, stream, peer, origin).await;
             drop(permit);
-        });
+        }))
+    }
+
+    fn shed(&mut self, peer: SocketAddr) {
+        let _ = self.redirections.take(peer); // consume the kernel's record
+        const REASON: &str = "out of file descriptors";
+        self.live.get().metrics().denied(Denial::Connection);
+        if refusals().admit(REASON, 0, "") {
+            tracing::warn!(%peer, verdict = "deny", reason = REASON, "closing connection");
+        }
     }
 }
 
@@ -103,8 +82,4 @@ fn refuse_unredirected(stream: &TcpStream, peer: SocketAddr) {
         reason = REASON,
         "closing connection"
     );
-}
-
-fn is_out_of_fds(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
