@@ -104,6 +104,9 @@ pub struct SealArgs {
     /// Print the secret's JSON with the token redacted instead of sealing.
     #[arg(long)]
     pub dry_run: bool,
+
+    #[command(flatten)]
+    pub sigv4: super::seal_sigv4::Sigv4SealArgs,
 }
 
 pub fn run(args: SealArgs) -> anyhow::Result<ExitCode> {
@@ -129,7 +132,11 @@ pub fn run_with(
     }
     let seal_key = SealKey::from_hex(args.seal_key.as_deref().unwrap_or_default())
         .context("--seal-key / SEAL_KEY")?;
-    let token = zeroize::Zeroizing::new(read_token(&args, stdin, getenv)?);
+    let token = zeroize::Zeroizing::new(if args.sigv4.selected() {
+        String::new() // the keys come from their own files or variables
+    } else {
+        read_token(&args, stdin, getenv)?
+    });
     let secret = build_secret(&args, &token, getenv)?;
     writeln!(stdout, "{}", seal(&seal_key, &secret))?;
     Ok(ExitCode::SUCCESS)
@@ -190,7 +197,9 @@ pub fn build_secret(
     crate::tokenizer::processor::check_fmt(&Default::default(), &fmt_dst, args.hmac)
         .map_err(|e| anyhow::anyhow!("--format/--allowed-format: {e}"))?;
 
-    if let Some(ph) = &args.body_placeholder {
+    if args.sigv4.selected() {
+        s.sigv4_processor = Some(args.sigv4.processor(getenv)?);
+    } else if let Some(ph) = &args.body_placeholder {
         if ph.is_empty() {
             bail!("--body-placeholder must not be empty");
         }
