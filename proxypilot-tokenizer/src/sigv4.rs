@@ -164,18 +164,21 @@ impl Sigv4Step {
         let host = signing_host(uri, headers);
         let payload_hash = headers
             .get("x-amz-content-sha256")
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .map(|v| v.as_bytes().to_vec())
             .unwrap_or_default();
         let (signed, canonical_headers) = canonical_headers(&host, headers);
-        let canonical_request = format!(
-            "{}\n{}\n{}\n{}\n{}\n{}",
-            method.as_str(),
-            escape_path(&path),
-            query,
-            canonical_headers,
-            signed,
-            payload_hash
-        );
+        // Bytes, not text: a header value need not be UTF-8, and Go signs
+        // its bytes.
+        let mut canonical_request = Vec::new();
+        for part in [method.as_str(), &escape_path(&path), &query] {
+            canonical_request.extend_from_slice(part.as_bytes());
+            canonical_request.push(b'\n');
+        }
+        canonical_request.extend_from_slice(&canonical_headers);
+        canonical_request.push(b'\n');
+        canonical_request.extend_from_slice(signed.as_bytes());
+        canonical_request.push(b'\n');
+        canonical_request.extend_from_slice(&payload_hash);
         let credential_scope = format!(
             "{}/{}/{}/aws4_request",
             &time[..8],
@@ -184,7 +187,7 @@ impl Sigv4Step {
         );
         let string_to_sign = format!(
             "AWS4-HMAC-SHA256\n{time}\n{credential_scope}\n{}",
-            hex::encode(Sha256::digest(canonical_request.as_bytes()))
+            hex::encode(Sha256::digest(&canonical_request))
         );
         let key = signing_key(&self.secret_key, &time[..8], &scope.region, &scope.service);
         let signature = hex::encode(hmac(&key, string_to_sign.as_bytes()));
@@ -364,7 +367,7 @@ fn clean_value(v: &[u8]) -> Vec<u8> {
 
 /// The signed header list and the canonical header block (each line
 /// ending in a newline).
-fn canonical_headers(host: &str, headers: &HeaderMap) -> (String, String) {
+fn canonical_headers(host: &str, headers: &HeaderMap) -> (String, Vec<u8>) {
     let mut names: Vec<&str> = vec!["host"];
     let length = headers
         .get(http::header::CONTENT_LENGTH)
@@ -404,10 +407,7 @@ fn canonical_headers(host: &str, headers: &HeaderMap) -> (String, String) {
         }
         block.push(b'\n');
     }
-    (
-        names.join(";"),
-        String::from_utf8_lossy(&block).into_owned(),
-    )
+    (names.join(";"), block)
 }
 
 struct StringSink<'a>(&'a mut Vec<u8>);
