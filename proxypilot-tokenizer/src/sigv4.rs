@@ -629,6 +629,31 @@ mod tests {
     }
 
     #[test]
+    fn keys_never_in_log_shapes() {
+        let j = br#"{"sigv4_processor":{"access_key":"AKIAREALKEY","secret_key":"sekritkey","no_swap":true},"no_auth":{}}"#;
+        let s = crate::Secret::from_json(j).unwrap();
+        for shown in [format!("{s:?}"), s.strip_hazmat_string()] {
+            assert!(
+                !shown.contains("AKIAREALKEY") && !shown.contains("sekritkey"),
+                "{shown}"
+            );
+            assert!(
+                shown.contains(r#""sigv4_processor":{"access_key":"REDACTED","secret_key":"REDACTED","no_swap":true}"#),
+                "{shown}"
+            );
+        }
+        // null reads as false, as Go's bool zero value.
+        let j = br#"{"sigv4_processor":{"access_key":"a","secret_key":"b","no_swap":null},"no_auth":{}}"#;
+        assert!(
+            !crate::Secret::from_json(j)
+                .unwrap()
+                .sigv4_processor
+                .unwrap()
+                .no_swap
+        );
+    }
+
+    #[test]
     fn signs_and_rewrites() {
         let step = Sigv4Step::new(&Sigv4Processor {
             access_key: SecretString::new("AKREAL"),
