@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use base64::Engine as _;
-use http::{HeaderMap, Uri};
+use http::{HeaderMap, Method, Uri};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
@@ -92,12 +92,18 @@ impl Engine {
 
     /// Apply every `Proxy-Tokenizer` header of a request head.
     pub fn apply(&self, parts: &mut http::request::Parts) -> Result<Applied, TokenizerError> {
-        self.apply_to(&parts.uri, &mut parts.headers)
+        self.apply_to(&parts.method, &mut parts.uri, &mut parts.headers)
     }
 
-    /// Same as [`Engine::apply`] for callers holding the URI and headers.
-    /// The host validated is [`request_host`] of them.
-    pub fn apply_to(&self, uri: &Uri, headers: &mut HeaderMap) -> Result<Applied, TokenizerError> {
+    /// Same as [`Engine::apply`] for callers holding the method, URI and
+    /// headers. The host validated is [`request_host`] of them. Only
+    /// `sigv4_processor` changes the URI (its query, put in canonical form).
+    pub fn apply_to(
+        &self,
+        method: &Method,
+        uri: &mut Uri,
+        headers: &mut HeaderMap,
+    ) -> Result<Applied, TokenizerError> {
         let host = request_host(uri, headers);
         let values = headers
             .get_all(PROXY_TOKENIZER)
@@ -115,7 +121,7 @@ impl Engine {
             if let Some(kind) = secret.unsupported_processor() {
                 return Err(TokenizerError::UnsupportedProcessor(
                     kind,
-                    "reseal it with inject_processor, inject_hmac_processor, inject_body_processor, oauth2_processor or multi_processor",
+                    "reseal it with inject_processor, inject_hmac_processor, inject_body_processor, oauth2_processor, sigv4_processor or multi_processor",
                 ));
             }
             self.authenticate(&secret, headers)?;
@@ -128,9 +134,9 @@ impl Engine {
             }
             injected.0.extend(needles);
         }
-        if !injected.0.is_empty() {
-            // Echoes in a compressed response could not be masked.
-            ask_for_identity(headers);
+        let signs = actions.iter().any(|a| matches!(a, Action::Sigv4(_)));
+        if signs && actions.iter().any(|a| matches!(a, Action::Body(_))) {
+            return Err(crate::sigv4::Sigv4Error::WithBodyStep.into());
         }
 
         let mut body = BodyTransform::default();
@@ -140,7 +146,15 @@ impl Engine {
                     headers.insert(name, value);
                 }
                 Action::Body(step) => body.steps.push(step),
+                Action::Sigv4(step) => step.sign(method, uri, headers)?,
             }
+        }
+        if !injected.0.is_empty() {
+            // Echoes in a compressed response could not be masked. After
+            // the processors: sigv4 drops Accept-Encoding before signing,
+            // and an unsigned one added after it is what Go's transport
+            // does too (it asks for gzip there).
+            ask_for_identity(headers);
         }
         headers.remove(PROXY_TOKENIZER);
         headers.remove(PROXY_AUTHORIZATION);
@@ -183,8 +197,14 @@ impl Engine {
             Some(AuthRef::Bearer(b)) => bearer_auth(b, headers),
             Some(AuthRef::FlySrc(f)) => self.fly_src_auth(f, headers),
             Some(AuthRef::Macaroon(kind)) => Err(TokenizerError::NotAuthorized(format!(
-                "{kind} is not supported by proxypilot's tokenizer; reseal the secret with \
-                 bearer_auth, fly_src_auth or no_auth"
+                "{kind} is not supported by proxypilot's tokenizer ({}); reseal the secret with \
+                 bearer_auth (a token sent in Proxy-Authorization, the closest equivalent), \
+                 fly_src_auth or no_auth, or send it to Fly's tokenizer",
+                if kind == "flyio_macaroon_auth" {
+                    "verifying a Fly.io macaroon needs Fly's API"
+                } else {
+                    "superfly/macaroon tokens are not implemented"
+                }
             ))),
             None => Err(TokenizerError::BadSecret("bad auth config".into())),
         }
@@ -320,7 +340,7 @@ fn split_once_byte(b: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
 }
 
 /// Go's url.QueryUnescape: `+` is a space, `%XX` a byte; a bad escape fails.
-fn query_unescape(s: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+pub(crate) fn query_unescape(s: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     let mut out = Zeroizing::new(Vec::with_capacity(s.len()));
     let mut i = 0;
     while i < s.len() {

@@ -48,6 +48,10 @@ pub enum TokenizerError {
     #[error("bad request: {0}")]
     Processor(String),
 
+    /// `sigv4_processor` could not re-sign the request.
+    #[error("bad request: sigv4_processor: {0}")]
+    Sigv4(#[from] crate::sigv4::Sigv4Error),
+
     /// No sealed secret on a tokenizer that is not an open proxy.
     #[error(
         "bad request: no Proxy-Tokenizer header; this tokenizer only forwards requests \

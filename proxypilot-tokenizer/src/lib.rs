@@ -10,6 +10,7 @@
 //!   the standalone [`server`] and by the relay (embedded mode).
 //! - [`processor`]: a secret's processor and the request's parameters
 //!   turned into actions; [`body`] carries out the ones on the body.
+//! - [`sigv4`]: `sigv4_processor`, re-signing AWS SigV4 requests.
 //! - [`redact`]: keeps injected credentials out of what upstream echoes.
 //! - [`client`]: the pooled, keep-alive, HTTP/2-capable HTTPS upstream client.
 //! - [`hop`]: the hop-by-hop header rules, shared with the relay.
@@ -28,6 +29,7 @@ pub mod redact;
 pub mod seal;
 pub mod secret;
 pub mod server;
+pub mod sigv4;
 pub mod upgrade;
 
 pub use body::{BodyTransform, BoxError, ProxyBody};

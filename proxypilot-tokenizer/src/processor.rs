@@ -29,6 +29,8 @@ pub const DEFAULT_PLACEHOLDER: &str = "{{ACCESS_TOKEN}}";
 pub(crate) enum Action {
     SetHeader(HeaderName, HeaderValue),
     Body(BodyStep),
+    /// Re-sign the request (headers and query) with SigV4, in order.
+    Sigv4(crate::sigv4::Sigv4Step),
 }
 
 /// One body step, in the order of the Proxy-Tokenizer headers.
@@ -247,6 +249,7 @@ pub(crate) fn plan(p: ProcessorRef<'_>, params: &Params) -> Result<Action, Token
                 )),
             }
         }
+        ProcessorRef::Sigv4(c) => Ok(Action::Sigv4(crate::sigv4::Sigv4Step::new(c)?)),
         ProcessorRef::OAuth2Body(c) => {
             let tok = oauth_token(&c.token, params)?;
             Ok(Action::Body(BodyStep::Replace {

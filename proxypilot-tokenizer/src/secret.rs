@@ -250,9 +250,8 @@ pub struct Secret {
     pub oauth2_processor: Option<OAuth2Processor>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oauth2_body_processor: Option<OAuth2BodyProcessor>,
-    /// Parsed only to be refused (we do not implement AWS SigV4 signing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sigv4_processor: Option<serde_json::Value>,
+    pub sigv4_processor: Option<crate::sigv4::Sigv4Processor>,
     /// Processors applied in order, each an object with one processor key
     /// (Go's `MultiProcessorConfig`). Only the processor fields of an
     /// element are read; [`Secret::from_json`] refuses anything else in one.
@@ -290,6 +289,7 @@ pub enum ProcessorRef<'a> {
     InjectBody(&'a InjectBodyProcessor),
     OAuth2(&'a OAuth2Processor),
     OAuth2Body(&'a OAuth2BodyProcessor),
+    Sigv4(&'a crate::sigv4::Sigv4Processor),
 }
 
 /// The secret's auth, checked to be the only one.
@@ -407,10 +407,11 @@ impl Secret {
             self.oauth2_body_processor
                 .as_ref()
                 .map(ProcessorRef::OAuth2Body),
+            self.sigv4_processor.as_ref().map(ProcessorRef::Sigv4),
         ];
         let mut it = all.into_iter().flatten();
         let first = it.next();
-        if it.next().is_some() || self.sigv4_processor.is_some() || self.multi_processor.is_some() {
+        if it.next().is_some() || self.multi_processor.is_some() {
             return None;
         }
         first
@@ -434,9 +435,6 @@ impl Secret {
     /// Name of an unsupported processor kind, if the secret uses one
     /// (inside a `multi_processor` too).
     pub fn unsupported_processor(&self) -> Option<&'static str> {
-        if self.sigv4_processor.is_some() {
-            return Some("sigv4_processor");
-        }
         self.multi_processor
             .iter()
             .flatten()
@@ -496,6 +494,13 @@ impl Secret {
             push(&t.access_token);
             push(&t.refresh_token);
         }
+        if let Some(p) = &self.sigv4_processor {
+            // The access key goes upstream in Authorization (AWS echoes it
+            // in SignatureDoesNotMatch errors); the secret key never does,
+            // but masking it costs nothing.
+            push(&p.access_key);
+            push(&p.secret_key);
+        }
         for element in self.multi_processor.iter().flatten() {
             out.extend(element.sent_tokens());
         }
@@ -537,7 +542,14 @@ impl Secret {
                     placeholder: p.placeholder.clone(),
                 }
             }),
-            sigv4_processor: self.sigv4_processor.as_ref().map(|_| REDACTED.into()),
+            sigv4_processor: self
+                .sigv4_processor
+                .as_ref()
+                .map(|p| crate::sigv4::Sigv4Processor {
+                    access_key: red(),
+                    secret_key: red(),
+                    no_swap: p.no_swap,
+                }),
             multi_processor: self
                 .multi_processor
                 .as_ref()

@@ -11,4 +11,5 @@ mod relay_e2e;
 mod tokenizer_compat;
 mod tokenizer_engine;
 mod tokenizer_server;
+mod tokenizer_sigv4;
 mod upstream_client;

@@ -9,6 +9,7 @@ use proxypilot::tokenizer::secret::{
     BearerAuth, FlySrcAuth, FmtDst, InjectBodyProcessor, InjectHmacProcessor, InjectProcessor,
     NoAuth, OAuth2Processor, OAuthToken, SecretBytes, SecretString,
 };
+use proxypilot::tokenizer::sigv4::Sigv4Processor;
 use proxypilot::tokenizer::{header, seal, Engine, OpenKey, Secret};
 use serde_json::Value;
 
@@ -223,6 +224,25 @@ fn pynacl_opens_proxypilot_sealed_secrets() {
                 "oauth2_processor.token",
                 "oauth2_processor.token.access_token",
                 "oauth2_processor.token.refresh_token",
+                "no_auth",
+            ],
+        ),
+        (
+            Secret {
+                sigv4_processor: Some(Sigv4Processor {
+                    access_key: SecretString::new("AKIDEXAMPLE"),
+                    secret_key: SecretString::new("sk"),
+                    no_swap: false,
+                }),
+                no_auth: Some(NoAuth {}),
+                ..Default::default()
+            },
+            // Go has no omitempty on no_swap: it is always there.
+            &[
+                "sigv4_processor",
+                "sigv4_processor.access_key",
+                "sigv4_processor.secret_key",
+                "sigv4_processor.no_swap",
                 "no_auth",
             ],
         ),

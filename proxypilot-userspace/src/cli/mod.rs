@@ -7,6 +7,9 @@ pub mod kernel_args;
 pub mod keygen;
 pub mod run;
 pub mod seal;
+pub mod seal_json;
+pub mod seal_oauth;
+pub mod seal_sigv4;
 pub mod sidecar;
 pub mod tokenizer;
 

@@ -24,8 +24,8 @@ use crate::tokenizer::{seal, SealKey, Secret};
 /// Example: printf %s "$KEY" | proxypilot seal --seal-key $SEAL_KEY
 ///   --host api.anthropic.com --header x-api-key --fly-org my-org --fly-app my-app
 #[derive(clap::Args, Debug)]
-#[command(group = clap::ArgGroup::new("auth").required(true).args(["fly_org", "bearer_from_env", "no_auth"]))]
-#[command(group = clap::ArgGroup::new("hosts").required(true).multiple(true).args(["host", "host_pattern"]))]
+#[command(group = clap::ArgGroup::new("auth").required(true).args(["fly_org", "bearer_from_env", "no_auth", "secret_json_file"]))]
+#[command(group = clap::ArgGroup::new("hosts").required(true).multiple(true).args(["host", "host_pattern", "secret_json_file"]))]
 pub struct SealArgs {
     /// The tokenizer's seal (public) key, 64 hex digits.
     #[arg(
@@ -104,6 +104,15 @@ pub struct SealArgs {
     /// Print the secret's JSON with the token redacted instead of sealing.
     #[arg(long)]
     pub dry_run: bool,
+
+    #[command(flatten)]
+    pub sigv4: super::seal_sigv4::Sigv4SealArgs,
+
+    #[command(flatten)]
+    pub oauth: super::seal_oauth::OAuthSealArgs,
+
+    #[command(flatten)]
+    pub json: super::seal_json::JsonSealArgs,
 }
 
 pub fn run(args: SealArgs) -> anyhow::Result<ExitCode> {
@@ -129,7 +138,11 @@ pub fn run_with(
     }
     let seal_key = SealKey::from_hex(args.seal_key.as_deref().unwrap_or_default())
         .context("--seal-key / SEAL_KEY")?;
-    let token = zeroize::Zeroizing::new(read_token(&args, stdin, getenv)?);
+    let token = zeroize::Zeroizing::new(if args.sigv4.selected() || args.json.selected() {
+        String::new() // the keys come from their own files or variables
+    } else {
+        read_token(&args, stdin, getenv)?
+    });
     let secret = build_secret(&args, &token, getenv)?;
     writeln!(stdout, "{}", seal(&seal_key, &secret))?;
     Ok(ExitCode::SUCCESS)
@@ -168,6 +181,9 @@ pub fn build_secret(
     token: &str,
     getenv: &dyn Fn(&str) -> Option<String>,
 ) -> anyhow::Result<Secret> {
+    if let Some(s) = args.json.secret()? {
+        return Ok(s);
+    }
     let mut s = Secret::default();
     let header_ok = !token.bytes().any(|b| b < 0x20 || b == 0x7f);
 
@@ -190,14 +206,25 @@ pub fn build_secret(
     crate::tokenizer::processor::check_fmt(&Default::default(), &fmt_dst, args.hmac)
         .map_err(|e| anyhow::anyhow!("--format/--allowed-format: {e}"))?;
 
-    if let Some(ph) = &args.body_placeholder {
+    if args.sigv4.selected() {
+        s.sigv4_processor = Some(args.sigv4.processor(getenv)?);
+    } else if let Some(ph) = &args.body_placeholder {
         if ph.is_empty() {
             bail!("--body-placeholder must not be empty");
         }
-        s.inject_body_processor = Some(InjectBodyProcessor {
-            token: SecretString::new(token),
-            placeholder: ph.clone(),
-        });
+        if args.oauth.oauth {
+            s.oauth2_body_processor = Some(args.oauth.body_processor(token, ph, getenv)?);
+        } else {
+            s.inject_body_processor = Some(InjectBodyProcessor {
+                token: SecretString::new(token),
+                placeholder: ph.clone(),
+            });
+        }
+    } else if args.oauth.oauth {
+        if !header_ok {
+            bail!("the token contains control characters and cannot go in an HTTP header");
+        }
+        s.oauth2_processor = Some(args.oauth.processor(token, getenv)?);
     } else if args.hmac {
         s.inject_hmac_processor = Some(InjectHmacProcessor {
             key: SecretBytes::new(token.as_bytes()),

@@ -10,7 +10,10 @@
 //! - mode 3 (structured): fuzzer-built secrets sealed with the matching
 //!   seal key, sent in Proxy-Tokenizer headers with fuzzed params, request
 //!   headers and URI through `Engine::apply_to`, then the resulting body
-//!   transform over a fuzzed, fuzzer-chunked body;
+//!   transform over a fuzzed, fuzzer-chunked body; sigv4_processor
+//!   secrets get a SigV4-shaped Authorization (fuzzed scope and
+//!   X-Amz-Date) and a fuzzed method, and the re-signed request must keep
+//!   the secret key out of every header and leave a valid URI;
 //! - mode 4: `ReplaceBody` streaming replacement against a naive replace.
 #![no_main]
 
@@ -19,7 +22,7 @@ use std::sync::OnceLock;
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use http_body_util::{BodyExt, StreamBody};
 use libfuzzer_sys::fuzz_target;
 use proxypilot::tokenizer::body::ReplaceBody;
@@ -172,7 +175,7 @@ enum Proc {
     InjectBody,
     OAuth2 { refresh: Option<String> },
     OAuth2Body { refresh: Option<String> },
-    Sigv4,
+    Sigv4 { no_swap: Option<bool> },
     Two,
     None,
 }
@@ -214,6 +217,10 @@ struct Structured {
     headers: Vec<(String, Vec<u8>)>,
     body: Vec<u8>,
     cuts: Vec<u16>,
+    method: u8,
+    /// A SigV4 Authorization: Credential date, region, service; and an
+    /// X-Amz-Date.
+    sigv4_auth: Option<(String, String, String, Option<String>)>,
 }
 
 fn scrub(s: &str) -> String {
@@ -292,8 +299,12 @@ fn build_json(f: &FuzzSecret) -> serde_json::Value {
             }
             obj.insert("oauth2_body_processor".into(), p);
         }
-        Proc::Sigv4 => {
-            obj.insert("sigv4_processor".into(), json!({ "access_key": token }));
+        Proc::Sigv4 { no_swap } => {
+            let mut p = json!({ "access_key": token, "secret_key": sigv4_secret(&f.token) });
+            if let Some(n) = no_swap {
+                p["no_swap"] = json!(n);
+            }
+            obj.insert("sigv4_processor".into(), p);
         }
         Proc::Two => {
             obj.insert("inject_processor".into(), inject());
@@ -333,11 +344,24 @@ fn build_json(f: &FuzzSecret) -> serde_json::Value {
     serde_json::Value::Object(obj)
 }
 
+/// The secret key of a fuzzed sigv4 secret: never sent anywhere.
+fn sigv4_secret(token: &str) -> String {
+    format!("{MARK}sk{token}")
+}
+
 fn structured_mode(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
     let mut st = Structured::arbitrary(u)?;
     st.secrets.truncate(4);
     let (engine, _, seal_key) = engine();
-    let uri: Uri = match st.uri.parse() {
+    let method = [
+        Method::GET,
+        Method::PUT,
+        Method::POST,
+        Method::DELETE,
+        Method::HEAD,
+    ][usize::from(st.method) % 5]
+        .clone();
+    let mut uri: Uri = match st.uri.parse() {
         Ok(u) => u,
         Err(_) => Uri::from_static("/"),
     };
@@ -356,6 +380,24 @@ fn structured_mode(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
             headers.append(n, v);
         }
     }
+    if let Some((date, region, service, amz_date)) = &st.sigv4_auth {
+        let auth = format!(
+            "AWS4-HMAC-SHA256 Credential=AKDUMMY/{date}/{region}/{service}/aws4_request, \
+             SignedHeaders=host, Signature=00"
+        );
+        if let Ok(v) = HeaderValue::from_str(&auth) {
+            headers.insert(http::header::AUTHORIZATION, v);
+        }
+        if let Some(Ok(v)) = amz_date.as_deref().map(HeaderValue::from_str) {
+            headers.insert("x-amz-date", v);
+        }
+    }
+    let sigv4_keys: Vec<String> = st
+        .secrets
+        .iter()
+        .filter(|f| matches!(f.proc_, Proc::Sigv4 { .. }))
+        .map(|f| sigv4_secret(&f.token))
+        .collect();
     for f in &st.secrets {
         let json = build_json(f);
         let Ok(secret) = Secret::from_json(json.to_string().as_bytes()) else {
@@ -389,8 +431,17 @@ fn structured_mode(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
         }
     }
     let n_values = headers.get_all("proxy-tokenizer").iter().count();
-    match engine.apply_to(&uri, &mut headers) {
+    match engine.apply_to(&method, &mut uri, &mut headers) {
         Ok(applied) => {
+            for key in &sigv4_keys {
+                for (name, v) in &headers {
+                    assert!(
+                        !v.as_bytes().windows(key.len()).any(|w| w == key.as_bytes()),
+                        "a sigv4 secret key went out in {name}"
+                    );
+                }
+            }
+            let _: Uri = uri.to_string().parse().expect("the re-signed URI parses");
             assert_eq!(applied.secrets, n_values);
             assert!(
                 headers.get("proxy-tokenizer").is_none(),
