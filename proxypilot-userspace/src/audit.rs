@@ -49,7 +49,17 @@ pub struct RequestAudit {
     /// Echoes of the secret masked in the response (embedded tokenizer).
     redactions: std::sync::OnceLock<crate::tokenizer::redact::Redactions>,
     /// What the host's `--permit`s decided (unset: refused before them).
-    rules: std::sync::OnceLock<crate::relay::rules::Decision>,
+    rules: std::sync::OnceLock<RuleOutcome>,
+}
+
+/// What a host's rule set decided for a request, as the audit line shows
+/// it (the rules themselves live in `relay::rules`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleOutcome {
+    /// `unrestricted`, `permitted` or `refused`.
+    pub decision: &'static str,
+    /// The permit that matched, or which host's permits refused it.
+    pub rule: String,
 }
 
 impl RequestAudit {
@@ -96,12 +106,12 @@ impl RequestAudit {
     /// What the permits decided (`unrestricted`, `permitted`, `refused`),
     /// or "" when the request was refused before they were asked.
     pub fn rule_decision(&self) -> &'static str {
-        self.rules.get().map_or("", |d| d.name())
+        self.rules.get().map_or("", |d| d.decision)
     }
 
     /// Records what the host's rule set decided, for this line.
-    pub fn set_rule_decision(&self, d: crate::relay::rules::Decision) {
-        let _ = self.rules.set(d);
+    pub fn set_rule_decision(&self, outcome: RuleOutcome) {
+        let _ = self.rules.set(outcome);
     }
 
     pub fn set_status(&self, status: u16) {
@@ -141,7 +151,7 @@ impl Drop for RequestAudit {
             redacted = self.redactions.get().map_or(0, |r| r.count()),
             // unrestricted, permitted or refused; "" when refused earlier.
             decision = %self.rule_decision(),
-            rule = %self.rules.get().map(|d| d.rule()).unwrap_or_default(),
+            rule = %self.rules.get().map_or("", |d| d.rule.as_str()),
             "request"
         );
         if let Some(n) = self.redactions.get().map(|r| r.count()).filter(|n| *n > 0) {

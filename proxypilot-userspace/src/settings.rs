@@ -185,18 +185,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// wiped from memory on drop. One type for the relay and the tokenizer.
 pub use crate::tokenizer::secret::SecretString;
 
-/// An intercepted host and its sealed secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub host: String,
-    /// The environment variable's name: what logs and audit lines show.
-    pub secret_name: String,
-    pub sealed: SecretString,
-    /// Headers the client may carry its dummy in (see relay::credentials).
-    pub slots: Vec<crate::relay::credentials::Slot>,
-    /// What may be asked of the host (`--permit`); none: anything.
-    pub permits: Vec<crate::relay::rules::Permit>,
-}
+/// The relay's notion of an intercepted host, which settings produce.
+pub use crate::relay::Target;
 
 #[derive(Debug, Clone)]
 pub enum TokenizerMode {

@@ -51,7 +51,7 @@ pub enum RelayError {
     NoLongerIntercepted { host: String },
     #[error("bad request: {0}")]
     BadRequest(String),
-    /// One header line over [`super::http::MAX_HEADER_FIELD`] bytes.
+    /// One header line over the relay's per-field cap (8 KiB).
     #[error("the request header {name} is {size} bytes; at most {limit} are relayed")]
     HeaderFieldTooLarge {
         name: String,

@@ -59,7 +59,7 @@ impl Relay {
             sni: host.clone(),
             secret_name: secret_name.clone(),
         });
-        let ctx = Arc::new(http::ConnCtx {
+        let ctx = Arc::new(super::context::ConnCtx {
             relay: self.clone(),
             live,
             sni: host,

@@ -17,32 +17,11 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::{Capped, Counted, Direction, RequestScope};
+use super::context::ConnCtx;
 use super::errors::{error_response, RelayError};
 use super::{BoxError, Relay, RelayBody};
-use crate::audit::{redact_path, ConnectionInfo, RequestAudit, RequestInfo};
+use crate::audit::{redact_path, RequestAudit, RequestInfo};
 use crate::hop::{self, HopByHop};
-
-/// What every request on one intercepted connection shares.
-pub(crate) struct ConnCtx {
-    /// The relay that accepted the connection: its timeouts and HTTP
-    /// settings hold for the connection's life.
-    pub relay: Arc<Relay>,
-    /// Where each request finds the relay live when it arrives: its
-    /// permits, credential, limits and tokenizer apply to that request.
-    pub live: Arc<super::LiveRelay>,
-    pub sni: String,
-    pub secret_name: String,
-    /// The port the client dialled (443 unless another port is intercepted).
-    pub port: u16,
-    /// Requests whose bodies are not finished yet (idle watchdog).
-    pub active: Arc<super::body::InFlight>,
-    /// The connection's part of every request's audit line.
-    pub audit: Arc<ConnectionInfo>,
-    /// Upgraded (WebSocket) streams; the connection lasts until they end.
-    pub streams: super::upgrade::Streams,
-    /// Response bodies in flight, cut when the client stops reading them.
-    pub stalls: super::stall::Stalls,
-}
 
 /// Serves HTTP on an established TLS stream until the client is done, an
 /// error occurs, no request arrives within `header_read_timeout` of the
@@ -237,7 +216,10 @@ fn admit(
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = tokenizer_uri(&authority, pq)?;
     let decision = relay.rules.check(&ctx.sni, &parts.method, uri.path());
-    audit.set_rule_decision(decision.clone());
+    audit.set_rule_decision(crate::audit::RuleOutcome {
+        decision: decision.name(),
+        rule: decision.rule(),
+    });
     if let super::rules::Decision::Refused(r) = decision {
         return Err(RelayError::NotPermitted(r));
     }

@@ -16,6 +16,7 @@
 
 pub mod accept;
 pub mod body;
+pub mod context;
 pub mod credentials;
 pub mod detect;
 pub mod embedded;
@@ -53,7 +54,6 @@ pub use redirected::Redirections;
 
 use self::credentials::Credential;
 use crate::policy::{AllowedNet, HostPattern, Policy, PolicySummary};
-use crate::settings::Target;
 use crate::tls::ca::CertAuthority;
 use crate::tls::leaf::LeafCache;
 
@@ -115,6 +115,19 @@ impl Default for Limits {
             rate_limits: BTreeMap::new(),
         }
     }
+}
+
+/// An intercepted host and its sealed secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    /// The environment variable's name: what logs and audit lines show.
+    pub secret_name: String,
+    pub sealed: crate::tokenizer::secret::SecretString,
+    /// Headers the client may carry its dummy in (see [`credentials`]).
+    pub slots: Vec<credentials::Slot>,
+    /// What may be asked of the host (`--permit`); none: anything.
+    pub permits: Vec<rules::Permit>,
 }
 
 /// Everything `Relay::new` needs.

@@ -14,15 +14,14 @@
 //! and browsers open an HTTP/1.1 connection when h2 lacks it).
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
-use tokio::task::JoinHandle;
 
 use super::body::RequestScope;
+use super::context::ConnCtx;
 use super::errors::RelayError;
-use super::http::ConnCtx;
 use super::{Forwarder, RelayBody};
 use crate::tokenizer::upgrade::{self as shared, SpliceCounts};
 
@@ -35,21 +34,6 @@ impl ClientUpgrade {
     pub(crate) fn take<B>(req: &mut Request<B>) -> Option<Self> {
         shared::is_websocket_upgrade(req.version(), req.headers())
             .then(|| ClientUpgrade(hyper::upgrade::on(req)))
-    }
-}
-
-/// The spliced streams of one connection: the connection (and its slot
-/// under `--max-connections`) lasts until they end.
-#[derive(Default)]
-pub(crate) struct Streams(Mutex<Vec<JoinHandle<()>>>);
-
-impl Streams {
-    /// Waits for every stream started so far.
-    pub(crate) async fn wait(&self) {
-        let handles = std::mem::take(&mut *self.0.lock().unwrap());
-        for h in handles {
-            let _ = h.await;
-        }
     }
 }
 
@@ -94,6 +78,6 @@ pub(crate) fn answer(
         }
         // Dropping the scope writes the audit line.
     });
-    ctx.streams.0.lock().unwrap().push(task);
+    ctx.streams.add(task);
     Ok(resp)
 }
