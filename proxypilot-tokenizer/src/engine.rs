@@ -324,7 +324,7 @@ fn proxy_authorization_tokens(headers: &HeaderMap) -> Vec<Zeroizing<Vec<u8>>> {
                     continue;
                 };
                 out.push(Zeroizing::new(pw.to_vec()));
-                if let Some(plain) = query_unescape(pw) {
+                if let Some(plain) = crate::query::unescape(pw) {
                     out.push(plain);
                 }
             }
@@ -337,34 +337,6 @@ fn proxy_authorization_tokens(headers: &HeaderMap) -> Vec<Zeroizing<Vec<u8>>> {
 fn split_once_byte(b: &[u8], sep: u8) -> Option<(&[u8], &[u8])> {
     let i = b.iter().position(|&c| c == sep)?;
     Some((&b[..i], &b[i + 1..]))
-}
-
-/// Go's url.QueryUnescape: `+` is a space, `%XX` a byte; a bad escape fails.
-pub(crate) fn query_unescape(s: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-    let mut out = Zeroizing::new(Vec::with_capacity(s.len()));
-    let mut i = 0;
-    while i < s.len() {
-        match s[i] {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-                if !hex.iter().all(u8::is_ascii_hexdigit) {
-                    return None;
-                }
-                out.push(v);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -402,9 +374,6 @@ mod tests {
                 b"p@ss word".to_vec()
             ]
         );
-        assert!(query_unescape(b"%zz").is_none());
-        assert!(query_unescape(b"%4").is_none());
-        assert!(query_unescape(b"%+1").is_none());
     }
 
     #[test]

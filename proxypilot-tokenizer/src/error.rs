@@ -50,7 +50,7 @@ pub enum TokenizerError {
 
     /// `sigv4_processor` could not re-sign the request.
     #[error("bad request: sigv4_processor: {0}")]
-    Sigv4(#[from] crate::sigv4::Sigv4Error),
+    Sigv4(#[from] Sigv4Error),
 
     /// No sealed secret on a tokenizer that is not an open proxy.
     #[error(
@@ -109,6 +109,45 @@ impl TokenizerError {
         );
         resp
     }
+}
+
+/// Why a request could not be re-signed. Never carries a key or a value
+/// from the request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Sigv4Error {
+    #[error("missing access key: seal the sigv4_processor with access_key set")]
+    MissingAccessKey,
+    #[error("missing secret key: seal the sigv4_processor with secret_key set")]
+    MissingSecretKey,
+    #[error(
+        "expected request to contain an Authorization header: sign the request with SigV4 \
+         (placeholder keys are fine) before sending it through the tokenizer"
+    )]
+    NoAuthorization,
+    #[error(
+        "invalid credential in auth header: Credential must be \
+         ACCESS_KEY/YYYYMMDD/REGION/SERVICE/aws4_request"
+    )]
+    BadCredential,
+    #[error("invalid credential date in auth header: expected YYYYMMDD")]
+    BadCredentialDate,
+    #[error("invalid X-Amz-Date header: expected YYYYMMDDTHHMMSSZ")]
+    BadAmzDate,
+    #[error(
+        "expected valid sigv4 authentication header in request to tokenizer: the Authorization \
+         header has no Credential=ACCESS_KEY/DATE/REGION/SERVICE/aws4_request"
+    )]
+    NoScope,
+    #[error(
+        "sigv4_processor cannot be combined with a processor that rewrites or signs the body \
+         (inject_body, oauth2_body, inject_hmac without msg): the signature would not cover \
+         what is sent; use a separate request or the msg parameter"
+    )]
+    WithBodyStep,
+    #[error(
+        "the re-signed request is not a valid URI or header (this is a bug; please report it)"
+    )]
+    Internal,
 }
 
 #[cfg(test)]

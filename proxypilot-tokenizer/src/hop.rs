@@ -48,6 +48,24 @@ pub fn strip(headers: &mut HeaderMap) {
     }
 }
 
+/// Headers Fly's proxy adds for this hop, or that attest the client to the
+/// tokenizer, none of them the upstream API's business: the list Fly's
+/// tokenizer image strips (its Dockerfile's `FilteredHeaders`), plus
+/// `fly-src-optin`, the client's request for an attestation.
+pub const FLY_HOP_HEADERS: [&str; 11] = [
+    "fly-client-ip",
+    "fly-forwarded-port",
+    "fly-forwarded-proto",
+    "fly-forwarded-ssl",
+    "fly-region",
+    "fly-request-id",
+    "fly-traceparent",
+    "fly-tracestate",
+    "fly-src",
+    "fly-src-signature",
+    "fly-src-optin",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,7 @@ pub mod header;
 pub mod hop;
 pub mod keys;
 pub mod processor;
+mod query;
 pub mod redact;
 pub mod seal;
 pub mod secret;

@@ -251,7 +251,7 @@ pub struct Secret {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oauth2_body_processor: Option<OAuth2BodyProcessor>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sigv4_processor: Option<crate::sigv4::Sigv4Processor>,
+    pub sigv4_processor: Option<Sigv4Processor>,
     /// Processors applied in order, each an object with one processor key
     /// (Go's `MultiProcessorConfig`). Only the processor fields of an
     /// element are read; [`Secret::from_json`] refuses anything else in one.
@@ -289,7 +289,7 @@ pub enum ProcessorRef<'a> {
     InjectBody(&'a InjectBodyProcessor),
     OAuth2(&'a OAuth2Processor),
     OAuth2Body(&'a OAuth2BodyProcessor),
-    Sigv4(&'a crate::sigv4::Sigv4Processor),
+    Sigv4(&'a Sigv4Processor),
 }
 
 /// The secret's auth, checked to be the only one.
@@ -542,14 +542,11 @@ impl Secret {
                     placeholder: p.placeholder.clone(),
                 }
             }),
-            sigv4_processor: self
-                .sigv4_processor
-                .as_ref()
-                .map(|p| crate::sigv4::Sigv4Processor {
-                    access_key: red(),
-                    secret_key: red(),
-                    no_swap: p.no_swap,
-                }),
+            sigv4_processor: self.sigv4_processor.as_ref().map(|p| Sigv4Processor {
+                access_key: red(),
+                secret_key: red(),
+                no_swap: p.no_swap,
+            }),
             multi_processor: self
                 .multi_processor
                 .as_ref()
@@ -679,6 +676,23 @@ fn unknown_keys(obj: &serde_json::Map<String, serde_json::Value>) -> String {
     } else {
         format!(" (unknown keys: {})", unknown.join(", "))
     }
+}
+
+/// `sigv4_processor`: the real AWS keys. Go marshals `no_swap` always.
+#[derive(Clone, Default, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sigv4Processor {
+    #[serde(default)]
+    pub access_key: SecretString,
+    #[serde(default)]
+    pub secret_key: SecretString,
+    /// Sign with the scope's region and service as the client wrote them;
+    /// false (Go's default) swaps them.
+    #[serde(default, deserialize_with = "null_false")]
+    pub no_swap: bool,
+}
+
+fn null_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or_default())
 }
 
 #[cfg(test)]

@@ -33,24 +33,6 @@ use super::engine::Engine;
 use super::error::TokenizerError;
 use super::upgrade;
 
-/// Headers Fly's proxy adds for this hop, or that attest the client to the
-/// tokenizer, none of them the upstream API's business: the list Fly's
-/// tokenizer image strips (its Dockerfile's `FilteredHeaders`), plus
-/// `fly-src-optin`, the client's request for an attestation.
-pub const FLY_HOP_HEADERS: [&str; 11] = [
-    "fly-client-ip",
-    "fly-forwarded-port",
-    "fly-forwarded-proto",
-    "fly-forwarded-ssl",
-    "fly-region",
-    "fly-request-id",
-    "fly-traceparent",
-    "fly-tracestate",
-    "fly-src",
-    "fly-src-signature",
-    "fly-src-optin",
-];
-
 /// An upgraded stream (WebSocket) with no byte moving either way for this
 /// long is closed. The relay in front has its own, configurable one.
 pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -203,7 +185,7 @@ where
         crate::upgrade::set_upgrade_headers(&mut parts.headers);
     }
     let applied = cfg.engine.apply(&mut parts)?;
-    for name in FLY_HOP_HEADERS {
+    for name in crate::hop::FLY_HOP_HEADERS {
         parts.headers.remove(name);
     }
     if applied.secrets == 0 && !cfg.open_proxy {

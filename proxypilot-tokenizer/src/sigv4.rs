@@ -34,67 +34,11 @@ use std::fmt::Write as _;
 
 use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::secret::SecretString;
-
-/// `sigv4_processor`: the real AWS keys. Go marshals `no_swap` always.
-#[derive(Clone, Default, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Sigv4Processor {
-    #[serde(default)]
-    pub access_key: SecretString,
-    #[serde(default)]
-    pub secret_key: SecretString,
-    /// Sign with the scope's region and service as the client wrote them;
-    /// false (Go's default) swaps them.
-    #[serde(default, deserialize_with = "null_false")]
-    pub no_swap: bool,
-}
-
-fn null_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    Ok(Option::<bool>::deserialize(d)?.unwrap_or_default())
-}
-
-/// Why a request could not be re-signed. Never carries a key or a value
-/// from the request.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Sigv4Error {
-    #[error("missing access key: seal the sigv4_processor with access_key set")]
-    MissingAccessKey,
-    #[error("missing secret key: seal the sigv4_processor with secret_key set")]
-    MissingSecretKey,
-    #[error(
-        "expected request to contain an Authorization header: sign the request with SigV4 \
-         (placeholder keys are fine) before sending it through the tokenizer"
-    )]
-    NoAuthorization,
-    #[error(
-        "invalid credential in auth header: Credential must be \
-         ACCESS_KEY/YYYYMMDD/REGION/SERVICE/aws4_request"
-    )]
-    BadCredential,
-    #[error("invalid credential date in auth header: expected YYYYMMDD")]
-    BadCredentialDate,
-    #[error("invalid X-Amz-Date header: expected YYYYMMDDTHHMMSSZ")]
-    BadAmzDate,
-    #[error(
-        "expected valid sigv4 authentication header in request to tokenizer: the Authorization \
-         header has no Credential=ACCESS_KEY/DATE/REGION/SERVICE/aws4_request"
-    )]
-    NoScope,
-    #[error(
-        "sigv4_processor cannot be combined with a processor that rewrites or signs the body \
-         (inject_body, oauth2_body, inject_hmac without msg): the signature would not cover \
-         what is sent; use a separate request or the msg parameter"
-    )]
-    WithBodyStep,
-    #[error(
-        "the re-signed request is not a valid URI or header (this is a bug; please report it)"
-    )]
-    Internal,
-}
+pub use crate::error::Sigv4Error;
+pub use crate::secret::Sigv4Processor;
 
 /// One planned re-signing.
 pub(crate) struct Sigv4Step {
@@ -151,7 +95,7 @@ impl Sigv4Step {
         }
 
         headers.remove(http::header::AUTHORIZATION);
-        for name in STRIPPED.iter().chain(crate::server::FLY_HOP_HEADERS.iter()) {
+        for name in STRIPPED.iter().chain(crate::hop::FLY_HOP_HEADERS.iter()) {
             headers.remove(*name);
         }
         headers.insert(
@@ -496,8 +440,8 @@ fn canonical_query(raw: &str) -> String {
         }
         let (k, v) = part.split_once('=').unwrap_or((part, ""));
         let (Some(k), Some(v)) = (
-            super::engine::query_unescape(k.as_bytes()),
-            super::engine::query_unescape(v.as_bytes()),
+            crate::query::unescape(k.as_bytes()),
+            crate::query::unescape(v.as_bytes()),
         ) else {
             continue;
         };
@@ -547,6 +491,7 @@ fn signing_key(secret: &str, date: &str, region: &str, service: &str) -> Zeroizi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::SecretString;
 
     #[test]
     fn scope_by_go_rules() {
