@@ -29,6 +29,7 @@ pub mod seal;
 pub mod secret;
 pub mod server;
 pub mod upgrade;
+pub mod upstream_pool;
 
 pub use body::{BodyTransform, BoxError, ProxyBody};
 pub use client::{UpstreamClient, UpstreamClientConfig};
@@ -39,3 +40,4 @@ pub use keys::{OpenKey, SealKey};
 pub use seal::{open, seal};
 pub use secret::Secret;
 pub use server::{forward_request, serve, TokenizerService};
+pub use upstream_pool::{ClientConn, UpstreamBody};

@@ -83,8 +83,11 @@ pub async fn serve(listener: TcpListener, config: TokenizerService) -> anyhow::R
         };
         let _ = stream.set_nodelay(true);
         let cfg = cfg.clone();
+        // Each client connection gets its share of the upstream's streams.
+        let client = crate::upstream_pool::ClientConn::next();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(client);
                 let cfg = cfg.clone();
                 async move { Ok::<_, Infallible>(handle(&cfg, req, peer).await) }
             });
