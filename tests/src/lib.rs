@@ -447,6 +447,7 @@ pub fn read_all(mut s: impl Read) -> String {
 
 pub mod dns;
 pub mod faults_support;
+pub mod goaway;
 pub mod loadgen;
 pub mod logs;
 pub mod loopback;
