@@ -69,10 +69,12 @@ pub fn client_share(limit: usize) -> usize {
 /// Why a request could not be relayed upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
+    /// Dialling or the TLS handshake failed (shared by the requests that
+    /// waited for that dial).
     #[error("could not connect")]
-    Connect(#[source] BoxError),
+    Connect(#[source] DialError),
     #[error("the HTTP handshake failed")]
-    Handshake(#[source] hyper::Error),
+    Handshake(#[source] DialError),
     #[error("the request failed")]
     Request(#[source] hyper::Error),
     /// The upstream did not process it, but its body could not be sent
@@ -94,6 +96,9 @@ pub enum PoolError {
         source: Box<PoolError>,
     },
 }
+
+/// Why a dial failed, shared by every request that waited for it.
+pub type DialError = Arc<dyn std::error::Error + Send + Sync>;
 
 /// How the pool is set up.
 #[derive(Clone, Debug)]
@@ -131,6 +136,10 @@ struct HostState {
     /// Connections open or being dialled; at most `max_per_host`.
     open: usize,
     dialing: usize,
+    /// Dials that failed so far, and the last one's error: requests that
+    /// waited for a dial fail with it rather than dial again one by one.
+    failed_dials: u64,
+    last_dial_error: Option<DialError>,
     /// What the last handshake negotiated (None before the first).
     speaks_h2: Option<bool>,
 }
@@ -340,9 +349,8 @@ impl UpstreamPool {
         };
         let uri = req.uri().clone();
         let key = host_key(&uri).ok_or_else(|| {
-            failed(PoolError::Connect(
-                format!("upstream URI {uri} has no host").into(),
-            ))
+            let e: BoxError = format!("upstream URI {uri} has no host").into();
+            failed(PoolError::Connect(e.into()))
         })?;
         let host = self.host(&key);
         let mut lease = loop {
@@ -429,12 +437,18 @@ impl UpstreamPool {
         avoid: Option<u64>,
     ) -> Result<Lease, PoolError> {
         let max = self.inner.cfg.max_per_host.max(1);
-        loop {
+        let mut waited_for_dial: Option<u64> = None;
+        let slot = loop {
             let notified = host.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
                 let mut st = lock(&host.state);
+                if let (Some(n), Some(e)) = (waited_for_dial, &st.last_dial_error) {
+                    if st.failed_dials != n {
+                        return Err(PoolError::Connect(e.clone()));
+                    }
+                }
                 let at_cap = st.open >= max;
                 // Avoiding the connection that refused the first attempt
                 // is worth a new one, not waiting at the cap.
@@ -456,22 +470,20 @@ impl UpstreamPool {
                 }
                 // One HTTP/2 dial at a time serves everyone waiting.
                 let wait_for_dial = st.speaks_h2 != Some(false) && st.dialing > 0;
+                waited_for_dial = wait_for_dial.then_some(st.failed_dials);
                 if !wait_for_dial && !at_cap {
                     st.open += 1;
                     st.dialing += 1;
-                    break;
+                    break DialSlot {
+                        host,
+                        connected: false,
+                        error: None,
+                    };
                 }
             }
             notified.await;
-        }
-        let dialed = self.dial(host, uri, client).await;
-        if dialed.is_err() {
-            let mut st = lock(&host.state);
-            st.open -= 1;
-            st.dialing -= 1;
-        }
-        host.changed.notify_waiters();
-        dialed
+        };
+        self.dial(slot, uri, client).await
     }
 
     fn lease_h2(
@@ -491,22 +503,24 @@ impl UpstreamPool {
         }
     }
 
-    /// Dials and handshakes a connection (its `open` slot is taken) and
-    /// leases it to the caller.
+    /// Dials and handshakes a connection in `slot` and leases it to the
+    /// caller.
     async fn dial(
         &self,
-        host: &Arc<Host>,
+        mut slot: DialSlot<'_>,
         uri: &Uri,
         client: Option<ClientConn>,
     ) -> Result<Lease, PoolError> {
         self.start_reaper();
-        let conn = self
-            .inner
-            .connector
-            .clone()
-            .connect(uri.clone())
-            .await
-            .map_err(PoolError::Connect)?;
+        let host = slot.host;
+        let conn = match self.inner.connector.clone().connect(uri.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                let e: DialError = e.into();
+                slot.error = Some(e.clone());
+                return Err(PoolError::Connect(e));
+            }
+        };
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         if conn.h2 {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -517,7 +531,7 @@ impl UpstreamPool {
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .handshake(conn)
                 .await
-                .map_err(PoolError::Handshake)?;
+                .map_err(|e| slot.failed(e, PoolError::Handshake))?;
             let limit = Arc::new(AtomicUsize::new(conn.current_max_send_streams()));
             let mut by_client = HashMap::new();
             if let Some(c) = client {
@@ -525,7 +539,6 @@ impl UpstreamPool {
             }
             {
                 let mut st = lock(&host.state);
-                st.dialing -= 1;
                 st.speaks_h2 = Some(true);
                 st.h2.push(H2Entry {
                     id,
@@ -537,6 +550,7 @@ impl UpstreamPool {
                     idle_since: Instant::now(),
                 });
             }
+            slot.connected = true;
             let host2 = host.clone();
             tokio::spawn(async move {
                 let mut conn = Box::pin(conn);
@@ -554,12 +568,11 @@ impl UpstreamPool {
             });
             Ok(self.lease_h2(host, id, client, sender))
         } else {
-            let (sender, conn) = http1::handshake(conn).await.map_err(PoolError::Handshake)?;
-            {
-                let mut st = lock(&host.state);
-                st.dialing -= 1;
-                st.speaks_h2 = Some(false);
-            }
+            let (sender, conn) = http1::handshake(conn)
+                .await
+                .map_err(|e| slot.failed(e, PoolError::Handshake))?;
+            lock(&host.state).speaks_h2 = Some(false);
+            slot.connected = true;
             let host2 = host.clone();
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
@@ -609,6 +622,45 @@ impl UpstreamPool {
                 }
             });
         });
+    }
+}
+
+/// A slot under the per-host cap taken for a dial. Dropped (the dial done,
+/// failed or abandoned with its request), it is given back unless the
+/// connection came up: that one's driver gives it back when it closes.
+struct DialSlot<'a> {
+    host: &'a Arc<Host>,
+    connected: bool,
+    /// Why the dial failed, for the requests that waited for it.
+    error: Option<DialError>,
+}
+
+impl DialSlot<'_> {
+    fn failed(
+        &mut self,
+        e: impl std::error::Error + Send + Sync + 'static,
+        wrap: fn(DialError) -> PoolError,
+    ) -> PoolError {
+        let e: DialError = Arc::new(e);
+        self.error = Some(e.clone());
+        wrap(e)
+    }
+}
+
+impl Drop for DialSlot<'_> {
+    fn drop(&mut self) {
+        {
+            let mut st = lock(&self.host.state);
+            st.dialing -= 1;
+            if !self.connected {
+                st.open -= 1;
+                if let Some(e) = self.error.take() {
+                    st.failed_dials += 1;
+                    st.last_dial_error = Some(e);
+                }
+            }
+        }
+        self.host.changed.notify_waiters();
     }
 }
 

@@ -173,3 +173,41 @@ async fn one_client_connection_holds_at_most_half_of_an_upstream_connections_str
     assert_eq!(started.load(Ordering::SeqCst), 4);
     assert_eq!(upstream.open_connections(), 1);
 }
+
+/// A request abandoned while its connection is being dialled gives the
+/// dial's slot back: the next request dials again rather than waiting
+/// forever for a dial nobody finishes, even under a cap of one connection.
+/// The upstream accepts TCP and never answers the TLS handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_abandoned_mid_dial_gives_its_slot_back() {
+    let upstream = LoopbackUpstream::start(&[UPSTREAM_HOST]).await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = upstream.client_config(true);
+    cfg.max_connections_per_host = 1;
+    cfg.resolve
+        .insert(format!("{UPSTREAM_HOST}:443"), silent.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    let client = UpstreamClient::new(&cfg).unwrap();
+    for _ in 0..2 {
+        let req = Request::get(format!("https://{UPSTREAM_HOST}/"))
+            .body(Empty::new().map_err(|e| match e {}).boxed_unsync())
+            .unwrap();
+        let sent =
+            tokio::time::timeout(std::time::Duration::from_millis(300), client.send(req)).await;
+        assert!(sent.is_err(), "the silent upstream answered");
+    }
+    holder.abort();
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the second request did not dial"
+    );
+}
