@@ -4,7 +4,6 @@
 //! verification is never disabled.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,15 +14,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
 use super::body::{BoxError, ProxyBody};
 use super::error::TokenizerError;
+use super::upstream_pool::{PoolConfig, UpstreamBody, UpstreamPool};
 
 /// HTTP/2 flow-control windows of the upstream connection (see `new`).
 pub const STREAM_WINDOW: u32 = 256 * 1024;
@@ -69,7 +66,9 @@ impl Default for UpstreamClientConfig {
 /// A cheap-to-clone pooled HTTPS client.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector, ProxyBody>,
+    /// HTTP/2 connections opened as their streams fill up, HTTP/1.1 ones
+    /// kept alive (see `upstream_pool`).
+    pool: UpstreamPool,
     /// Offers HTTP/1.1 only: upgrades (WebSocket) exist in HTTP/1.1 only.
     upgrades: HttpsConnector,
 }
@@ -109,41 +108,44 @@ impl UpstreamClient {
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls_h1)),
             ..connector.clone()
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            // Every request a sandbox client abandons cancels its stream on
-            // the one HTTP/2 connection all requests share, and the
-            // upstream's frames still in flight for it then count as local
-            // "error resets". h2 closes the connection after 1,024 of them
-            // (a guard against hostile peers), failing every request on it:
-            // remember more cancelled streams, and drop that count, for the
-            // verified API servers this client talks to.
-            .http2_max_concurrent_reset_streams(4096)
-            .http2_max_local_error_reset_streams(None)
-            // One HTTP/2 connection carries every sandbox client's requests
-            // to a host, and data a client does not read stays charged to
-            // the connection's window. With hyper's defaults (2 MiB a
-            // stream, 5 MiB the connection) three unread downloads stalled
-            // everyone. A small stream window and a large connection one
-            // bound what a slow reader holds (and buffers) to 256 KiB a
-            // stream, far below the connection's 64 MiB, so the others go on.
-            .http2_initial_stream_window_size(STREAM_WINDOW)
-            .http2_initial_connection_window_size(CONNECTION_WINDOW)
-            .build(connector);
-        Ok(UpstreamClient { client, upgrades })
+        // Every request a sandbox client abandons cancels its stream on
+        // the one HTTP/2 connection all requests share, and the
+        // upstream's frames still in flight for it then count as local
+        // "error resets". h2 closes the connection after 1,024 of them
+        // (a guard against hostile peers), failing every request on it:
+        // the pool remembers more cancelled streams, and drops that count,
+        // for the verified API servers this client talks to.
+        //
+        // Data a client does not read stays charged to the HTTP/2
+        // connection's window. With hyper's defaults (2 MiB a stream, 5 MiB
+        // the connection) three unread downloads stalled everyone. A small
+        // stream window and a large connection one (STREAM_WINDOW,
+        // CONNECTION_WINDOW) bound what a slow reader holds (and buffers)
+        // to 256 KiB a stream, far below the connection's 64 MiB, so the
+        // others go on.
+        let pool = UpstreamPool::new(
+            connector,
+            PoolConfig {
+                idle_timeout: cfg.pool_idle_timeout,
+                max_per_host: cfg.max_connections_per_host.max(1),
+            },
+        );
+        Ok(UpstreamClient { pool, upgrades })
     }
 
-    /// Send a request with an absolute `https://` URI.
+    /// Send a request with an absolute `https://` URI. A
+    /// [`crate::upstream_pool::ClientConn`] in its extensions gives it that
+    /// client connection's share of the upstream's streams.
     pub async fn send(
         &self,
         req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, TokenizerError> {
+    ) -> Result<Response<UpstreamBody>, TokenizerError> {
         let target = req
             .uri()
             .authority()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        self.client.request(req).await.map_err(|e| {
+        self.pool.send(req).await.map_err(|e| {
             TokenizerError::Upstream(format!(
                 "request to upstream {target} failed: {}",
                 error_chain(&e)
@@ -160,7 +162,7 @@ impl UpstreamClient {
     pub async fn send_upgrade(
         &self,
         mut req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, TokenizerError> {
+    ) -> Result<Response<UpstreamBody>, TokenizerError> {
         let uri = req.uri().clone();
         let target = uri.authority().map(|a| a.to_string()).unwrap_or_default();
         let failed = |what: String| {
@@ -190,10 +192,11 @@ impl UpstreamClient {
             .map_or("/", |p| p.as_str())
             .parse()
             .map_err(|e: http::uri::InvalidUri| failed(e.to_string()))?;
-        sender
+        let resp = sender
             .send_request(req)
             .await
-            .map_err(|e| failed(error_chain(&e)))
+            .map_err(|e| failed(error_chain(&e)))?;
+        Ok(resp.map(UpstreamBody::unpooled))
     }
 }
 
@@ -264,7 +267,7 @@ pub fn trust_roots(
 
 /// Dials TCP (honouring the resolve overrides) then TLS.
 #[derive(Clone)]
-struct HttpsConnector {
+pub(crate) struct HttpsConnector {
     tls: tokio_rustls::TlsConnector,
     resolve: Arc<HashMap<String, SocketAddr>>,
     connect_timeout: Duration,
@@ -302,23 +305,8 @@ impl HostCaps {
     }
 }
 
-impl tower_service::Service<Uri> for HttpsConnector {
-    type Response = TlsConn;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<TlsConn, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.connect(uri).await })
-    }
-}
-
 impl HttpsConnector {
-    async fn connect(self, uri: Uri) -> Result<TlsConn, BoxError> {
+    pub(crate) async fn connect(self, uri: Uri) -> Result<TlsConn, BoxError> {
         if uri.scheme() != Some(&http::uri::Scheme::HTTPS) {
             return Err(
                 format!("refusing to dial {uri}: upstreams are reached over TLS only").into(),
@@ -369,22 +357,11 @@ impl HttpsConnector {
 }
 
 /// A TLS connection, telling the pool whether ALPN chose HTTP/2.
-struct TlsConn {
-    io: TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
-    h2: bool,
+pub(crate) struct TlsConn {
+    pub(crate) io: TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+    pub(crate) h2: bool,
     /// Given back when the connection closes.
     _slot: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl Connection for TlsConn {
-    fn connected(&self) -> Connected {
-        let c = Connected::new();
-        if self.h2 {
-            c.negotiated_h2()
-        } else {
-            c
-        }
-    }
 }
 
 impl hyper::rt::Read for TlsConn {

@@ -32,6 +32,7 @@ pub mod secret;
 pub mod server;
 pub mod sigv4;
 pub mod upgrade;
+pub mod upstream_pool;
 
 pub use body::{BodyTransform, BoxError, ProxyBody};
 pub use client::{UpstreamClient, UpstreamClientConfig};
@@ -42,3 +43,4 @@ pub use keys::{OpenKey, SealKey};
 pub use seal::{open, seal};
 pub use secret::Secret;
 pub use server::{forward_request, serve_connection, TokenizerService};
+pub use upstream_pool::{ClientConn, UpstreamBody};

@@ -54,7 +54,10 @@ pub struct TokenizerService {
 /// `proxypilot tokenizer` command runs the one every listener shares.
 pub async fn serve_connection(cfg: Arc<TokenizerService>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let svc = service_fn(move |req| {
+    // Each client connection gets its share of the upstream's streams.
+    let client = crate::upstream_pool::ClientConn::next();
+    let svc = service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(client);
         let cfg = cfg.clone();
         async move { Ok::<_, Infallible>(handle(&cfg, req, peer).await) }
     });

@@ -27,8 +27,9 @@ use std::{
 
 use proxypilot_tests::{
     faults_support::*,
+    goaway::GoawayUpstream,
     shapes::{start_tokenizer, FlyShape, Tokenizer},
-    upstream::{FakeInternet, ANTHROPIC},
+    upstream::{standard_hosts, FakeInternet, RealKeys, ANTHROPIC},
     *,
 };
 use serde_json::Value;
@@ -1074,4 +1075,170 @@ fn forked_children_cannot_multiply_the_refusal_log() {
     // The flood may straddle two 5 s windows.
     assert!(one_by_one <= 200, "{one_by_one} refusals logged one by one");
     assert_eq!(one_by_one + counted, 60 * 20, "{one_by_one} + {counted}");
+}
+
+/// Long streams that fill the upstream's concurrent-stream limit do not
+/// queue everyone else (issue 21: one HTTP/2 connection per host, and
+/// with its SETTINGS_MAX_CONCURRENT_STREAMS all held by long requests the
+/// others waited in h2's queue). The API allows 4 streams a connection;
+/// one curl holds 4 long streams on one client connection. A victim beside
+/// it, one request after another, is served: the pool opens another
+/// connection when the ones it has are full, and one client connection
+/// holds at most half of any connection's streams. Once the attack ends,
+/// a request is served within a second.
+#[test]
+fn long_streams_filling_the_upstreams_stream_limit_do_not_queue_other_clients() {
+    require_root!();
+    let net = FakeInternet::start();
+    net.apis.set_h2_max_concurrent_streams(4);
+    let fly = FlyShape::start(&net, "streamcap", Tokenizer::Embedded, &[]);
+    get_ok(&net, &fly);
+    // Four streams of 60 events 200 ms apart: 12 s each.
+    let long = format!("https://{ANTHROPIC}/sse?n=60&gap_ms=200");
+    let mut args = vec!["-sS", "--max-time", "40", "-H", DUMMY, "-Z"];
+    for _ in 0..4 {
+        args.extend([long.as_str(), "-o", "/dev/null"]);
+    }
+    let mut attacker = fly
+        .sandbox(&net, "curl")
+        .args(&args)
+        .command()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let long_open = || {
+        net.apis
+            .requests_to(ANTHROPIC)
+            .iter()
+            .filter(|r| r.path.starts_with("/sse"))
+            .count()
+    };
+    assert!(
+        wait_for(Duration::from_secs(15), || long_open() >= 4),
+        "the attacker's streams did not all reach the API: {}\n{}",
+        long_open(),
+        fly.sidecar_log()
+    );
+    let victim = CurlLoop::start(&net, &fly, "streamcap", 10_000, 3, &[URL, "-H", DUMMY]);
+    thread::sleep(Duration::from_secs(6));
+    let during = victim.finish(Duration::from_secs(10));
+    let still_attacking = attacker.try_wait().unwrap().is_none();
+    let ok = oks_since(&during, 0);
+    assert!(
+        still_attacking,
+        "the attack ended before the victim was measured"
+    );
+    assert!(
+        during.len() >= 10 && ok * 100 >= during.len() * 95,
+        "the victim got {ok} of {} while long streams held the upstream's limit: {during:?}\n{}",
+        during.len(),
+        fly.sidecar_log()
+    );
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    let t = std::time::Instant::now();
+    let (rc, code, body) = curl(&net, &fly, &[URL, "-H", DUMMY, "--max-time", "1"]);
+    assert_eq!((rc, code), (0, 200), "{body}\n{}", fly.sidecar_log());
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+}
+
+/// The API at 203.0.113.11 is the GOAWAY fake (`goaway::GoawayUpstream`):
+/// api.anthropic.com resolves to it, with a certificate from the fake APIs'
+/// CA.
+fn goaway_internet() -> (FakeInternet, GoawayUpstream) {
+    let hosts = standard_hosts()
+        .into_iter()
+        .filter(|h| h.name != ANTHROPIC)
+        .collect();
+    let net = FakeInternet::start_with(RealKeys::default(), hosts, &["203.0.113.11/32"]);
+    net.dns
+        .set(ANTHROPIC, vec!["203.0.113.11".parse().unwrap()]);
+    let fake = GoawayUpstream::start(
+        net.apis.ca(),
+        ANTHROPIC,
+        "203.0.113.11:443".parse().unwrap(),
+    );
+    (net, fake)
+}
+
+/// A request the upstream rejects at the connection level costs only that
+/// request (issue 21). After a marked request, the upstream holds the
+/// streams that follow on its connection, then sends GOAWAY whose
+/// last-stream-id is below them: none of them was processed. The two GETs
+/// in flight are retried once on a fresh connection and succeed; the POST,
+/// whose body had been sent, is not retried and gets a 502 that says why.
+#[test]
+fn a_goaway_retries_the_unprocessed_requests_it_can_and_a_sent_post_gets_a_clear_502() {
+    require_root!();
+    let (net, fake) = goaway_internet();
+    let fly = FlyShape::start(&net, "goaway", Tokenizer::Embedded, &[]);
+    let base = format!("https://{ANTHROPIC}");
+    let mark = format!("{base}/goaway?after=3");
+    let (rc, code, body) = curl(&net, &fly, &[&mark, "-H", DUMMY]);
+    assert_eq!((rc, code), (0, 200), "{body}\n{}", fly.sidecar_log());
+    let (a, b, post) = thread::scope(|s| {
+        let get = |p: &'static str| {
+            let (net, fly, base) = (&net, &fly, &base);
+            s.spawn(move || curl(net, fly, &[&format!("{base}/in-flight/{p}"), "-H", DUMMY]))
+        };
+        let (a, b) = (get("a"), get("b"));
+        let post = s.spawn(|| {
+            let url = format!("{base}/in-flight/post");
+            curl(&net, &fly, &[&url, "-H", DUMMY, "-d", "a body of bytes"])
+        });
+        (a.join().unwrap(), b.join().unwrap(), post.join().unwrap())
+    });
+    let log = || format!("served: {:?}\n{}", fake.served(), fly.sidecar_log());
+    for (name, (rc, code, body)) in [("a", &a), ("b", &b)] {
+        assert_eq!((*rc, *code), (0, 200), "GET {name}: {body}\n{}", log());
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            v["conn"], 1,
+            "GET {name} was not served on a fresh connection: {v}"
+        );
+    }
+    assert_eq!((post.0, post.1), (0, 502), "{}\n{}", post.2, log());
+    let v: Value = serde_json::from_str(&post.2).unwrap();
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("GOAWAY") && error.contains("not retried"),
+        "{v}"
+    );
+    let served = fake.served();
+    assert!(
+        !served.iter().any(|r| r.path == "/in-flight/post"),
+        "the POST reached a handler: {served:?}"
+    );
+    for p in ["/in-flight/a", "/in-flight/b"] {
+        assert_eq!(
+            served.iter().filter(|r| r.path == p).count(),
+            1,
+            "{p} must be served once: {served:?}"
+        );
+    }
+    // Service goes on as before.
+    let (rc, code, body) = curl(&net, &fly, &[&format!("{base}/echo"), "-H", DUMMY]);
+    assert_eq!((rc, code), (0, 200), "{body}\n{}", log());
+}
+
+/// A stream the upstream resets with REFUSED_STREAM was not processed: the
+/// request is retried once on a fresh connection and succeeds.
+#[test]
+fn a_refused_stream_is_retried_once_on_a_fresh_connection() {
+    require_root!();
+    let (net, fake) = goaway_internet();
+    let fly = FlyShape::start(&net, "refused", Tokenizer::Embedded, &[]);
+    let url = format!("https://{ANTHROPIC}/refuse-once/x");
+    let (rc, code, body) = curl(&net, &fly, &[&url, "-H", DUMMY]);
+    let served = fake.served();
+    assert_eq!(
+        (rc, code),
+        (0, 200),
+        "{body}\nserved: {served:?}\n{}",
+        fly.sidecar_log()
+    );
+    let outcomes: Vec<(&str, usize)> = served.iter().map(|r| (r.outcome, r.conn)).collect();
+    assert_eq!(outcomes, [("refused", 0), ("answered", 1)], "{served:?}");
 }

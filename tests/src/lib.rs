@@ -448,6 +448,7 @@ pub fn read_all(mut s: impl Read) -> String {
 pub mod dns;
 pub mod fake_s3;
 pub mod faults_support;
+pub mod goaway;
 pub mod loadgen;
 pub mod logs;
 pub mod loopback;

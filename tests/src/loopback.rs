@@ -95,6 +95,15 @@ impl LoopbackUpstream {
     /// Starts an upstream whose certificate (from a fresh [`TestCa`])
     /// names `names` (DNS names or IP literals).
     pub async fn start(names: &[&str]) -> LoopbackUpstream {
+        LoopbackUpstream::start_with_h2_max_streams(names, None).await
+    }
+
+    /// As [`LoopbackUpstream::start`], advertising `max_streams` as its
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS (hyper's default if None).
+    pub async fn start_with_h2_max_streams(
+        names: &[&str],
+        max_streams: Option<u32>,
+    ) -> LoopbackUpstream {
         let ca = TestCa::new("proxypilot loopback upstream CA");
         let acceptor =
             tokio_rustls::TlsAcceptor::from(ca.server_config(names, &[b"h2", b"http/1.1"]));
@@ -127,9 +136,12 @@ impl LoopbackUpstream {
                         let (seen, sse) = (seen.clone(), sse.clone());
                         async move { Ok::<_, Infallible>(handle(req, &seen, &sse).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
+                    let mut builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    if let Some(n) = max_streams {
+                        builder.http2().max_concurrent_streams(n);
+                    }
+                    let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
                 });
             }
         });

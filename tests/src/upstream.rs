@@ -287,6 +287,9 @@ struct State {
     ids: AtomicU64,
     /// How each WebSocket session ended, in order.
     ws_ends: Mutex<Vec<WsEnd>>,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS of new HTTP/2 connections (0:
+    /// hyper's default).
+    h2_max_streams: std::sync::atomic::AtomicU32,
 }
 
 /// How a fake WebSocket session ended.
@@ -340,6 +343,7 @@ impl FakeApis {
             event_delay_ms: AtomicU64::new(0),
             ids: AtomicU64::new(1),
             ws_ends: Mutex::new(Vec::new()),
+            h2_max_streams: std::sync::atomic::AtomicU32::new(0),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -423,6 +427,13 @@ impl FakeApis {
         *self.state.gate.lock().unwrap() = gate;
     }
 
+    /// The SETTINGS_MAX_CONCURRENT_STREAMS new HTTP/2 connections advertise
+    /// (hyper's default until set), as an API that allows few streams per
+    /// connection would.
+    pub fn set_h2_max_concurrent_streams(&self, n: u32) {
+        self.state.h2_max_streams.store(n, Ordering::Relaxed);
+    }
+
     /// A pause before each streamed event after the first (default none).
     pub fn set_event_delay(&self, d: Duration) {
         self.state
@@ -468,11 +479,16 @@ async fn serve(
                 peer,
                 local,
             });
+            let max_streams = state.h2_max_streams.load(Ordering::Relaxed);
             let svc = hyper::service::service_fn(move |req| {
                 let (conn, state) = (conn.clone(), state.clone());
                 async move { Ok::<_, Infallible>(handle(req, &conn, &state).await) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if max_streams > 0 {
+                builder.http2().max_concurrent_streams(max_streams);
+            }
+            let _ = builder
                 .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                 .await;
         });

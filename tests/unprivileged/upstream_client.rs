@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use http::Request;
 use http_body_util::{BodyExt, Empty};
-use proxypilot::tokenizer::UpstreamClient;
+use proxypilot::tokenizer::{ClientConn, UpstreamClient};
 use proxypilot_tests::loopback::LoopbackUpstream;
 
 const UPSTREAM_HOST: &str = "api.example.test";
@@ -116,4 +116,98 @@ async fn an_http1_upstream_gets_at_most_the_cap_of_connections_under_fan_out() {
         "connections open, requests answered"
     );
     assert_eq!(started.load(Ordering::SeqCst), 20);
+}
+
+/// One client connection holds at most half of an upstream HTTP/2
+/// connection's streams (issue 21: one client's long requests took every
+/// stream the API allows, and the others queued behind them). With one
+/// connection allowed to a host whose peer allows 4 streams, client A asks
+/// for 4 endless downloads: 2 are answered and 2 wait for A's own streams;
+/// client B's request, sent after them, is answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_connection_holds_at_most_half_of_an_upstream_connections_streams() {
+    let upstream = LoopbackUpstream::start_with_h2_max_streams(&[UPSTREAM_HOST], Some(4)).await;
+    let mut cfg = upstream.client_config(true);
+    cfg.max_connections_per_host = 1;
+    let client = UpstreamClient::new(&cfg).unwrap();
+    let get = |path: &str, from: Option<ClientConn>| {
+        let mut req = Request::get(format!("https://{UPSTREAM_HOST}{path}"))
+            .body(Empty::new().map_err(|e| match e {}).boxed_unsync())
+            .unwrap();
+        if let Some(c) = from {
+            req.extensions_mut().insert(c);
+        }
+        req
+    };
+    // The first exchange carries the peer's SETTINGS (its stream limit).
+    client.send(get("/warm", None)).await.unwrap();
+    let (a, b) = (ClientConn::next(), ClientConn::next());
+    let started = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, started, release) = (client.clone(), started.clone(), release.clone());
+            let req = get("/endless", Some(a));
+            tokio::spawn(async move {
+                let mut body = client.send(req).await.unwrap().into_body();
+                body.frame().await.unwrap().unwrap();
+                started.fetch_add(1, Ordering::SeqCst);
+                release.acquire().await.unwrap().forget();
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let a_streams = started.load(Ordering::SeqCst);
+    let b_answer = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        client.send(get("/echo", Some(b))),
+    )
+    .await;
+    release.add_permits(4);
+    for t in held {
+        t.await.unwrap();
+    }
+    assert_eq!(a_streams, 2, "client A's streams answered at once");
+    let b_answer = b_answer.expect("client B waited behind client A's streams");
+    assert_eq!(b_answer.unwrap().status(), 200);
+    assert_eq!(started.load(Ordering::SeqCst), 4);
+    assert_eq!(upstream.open_connections(), 1);
+}
+
+/// A request abandoned while its connection is being dialled gives the
+/// dial's slot back: the next request dials again rather than waiting
+/// forever for a dial nobody finishes, even under a cap of one connection.
+/// The upstream accepts TCP and never answers the TLS handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_abandoned_mid_dial_gives_its_slot_back() {
+    let upstream = LoopbackUpstream::start(&[UPSTREAM_HOST]).await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut cfg = upstream.client_config(true);
+    cfg.max_connections_per_host = 1;
+    cfg.resolve
+        .insert(format!("{UPSTREAM_HOST}:443"), silent.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    let client = UpstreamClient::new(&cfg).unwrap();
+    for _ in 0..2 {
+        let req = Request::get(format!("https://{UPSTREAM_HOST}/"))
+            .body(Empty::new().map_err(|e| match e {}).boxed_unsync())
+            .unwrap();
+        let sent =
+            tokio::time::timeout(std::time::Duration::from_millis(300), client.send(req)).await;
+        assert!(sent.is_err(), "the silent upstream answered");
+    }
+    holder.abort();
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the second request did not dial"
+    );
 }

@@ -42,7 +42,13 @@ pub(crate) async fn serve_http<S>(
     let stall = relay.limits.stall_timeout;
     let active = ctx.active.clone();
     let this = ctx.clone();
-    let svc = service_fn(move |req| handle(ctx.clone(), req));
+    // The upstream pool gives each client connection a share of the
+    // upstream's HTTP/2 streams.
+    let client = crate::tokenizer::ClientConn::next();
+    let svc = service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(client);
+        handle(ctx.clone(), req)
+    });
     let conn = relay
         .http
         .serve_connection_with_upgrades(TokioIo::new(io), svc);
@@ -147,7 +153,14 @@ async fn relay_request(
             })?;
     let (parts, body) = req.into_parts();
     let uri = admit(ctx, relay, &parts, &body, &scope.audit)?;
+    let client = parts
+        .extensions
+        .get::<crate::tokenizer::ClientConn>()
+        .copied();
     let (mut out, over_cap) = upstream_request(relay, credential, parts, body, uri, scope)?;
+    if let Some(c) = client {
+        out.extensions_mut().insert(c);
+    }
     if upgrade.is_some() {
         crate::tokenizer::upgrade::set_upgrade_headers(out.headers_mut());
     }
