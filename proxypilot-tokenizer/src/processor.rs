@@ -29,6 +29,8 @@ pub const DEFAULT_PLACEHOLDER: &str = "{{ACCESS_TOKEN}}";
 pub(crate) enum Action {
     SetHeader(HeaderName, HeaderValue),
     Body(BodyStep),
+    /// A minting processor's rewrite (see `mint`).
+    Mint(Box<crate::mint::MintRequest>),
 }
 
 /// One body step, in the order of the Proxy-Tokenizer headers.
@@ -42,6 +44,8 @@ pub(crate) enum BodyStep {
         fmt: Format,
         dst: http::HeaderName,
     },
+    /// The whole body replaced (a minting processor's token request).
+    Set(bytes::Bytes),
 }
 
 fn bad(msg: &str) -> TokenizerError {
@@ -253,6 +257,9 @@ pub(crate) fn plan(p: ProcessorRef<'_>, params: &Params) -> Result<Action, Token
                 placeholder: body_placeholder(&c.placeholder, params),
                 token: Zeroizing::new(tok.as_bytes().to_vec()),
             }))
+        }
+        ProcessorRef::Jwt(_) | ProcessorRef::ClientCredentials(_) | ProcessorRef::GitHubApp(_) => {
+            crate::mint::plan(p, params).map(|m| Action::Mint(Box::new(m)))
         }
     }
 }
