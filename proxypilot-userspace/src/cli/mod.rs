@@ -7,6 +7,7 @@ pub mod kernel_args;
 pub mod keygen;
 pub mod run;
 pub mod seal;
+pub mod seal_mint;
 pub mod sidecar;
 pub mod tokenizer;
 

@@ -104,6 +104,10 @@ pub struct SealArgs {
     /// Print the secret's JSON with the token redacted instead of sealing.
     #[arg(long)]
     pub dry_run: bool,
+
+    /// The token-minting processors (no token on stdin for them).
+    #[command(flatten)]
+    pub mint: super::seal_mint::MintArgs,
 }
 
 pub fn run(args: SealArgs) -> anyhow::Result<ExitCode> {
@@ -129,7 +133,11 @@ pub fn run_with(
     }
     let seal_key = SealKey::from_hex(args.seal_key.as_deref().unwrap_or_default())
         .context("--seal-key / SEAL_KEY")?;
-    let token = zeroize::Zeroizing::new(read_token(&args, stdin, getenv)?);
+    let token = zeroize::Zeroizing::new(if args.mint.selected() {
+        String::new()
+    } else {
+        read_token(&args, stdin, getenv)?
+    });
     let secret = build_secret(&args, &token, getenv)?;
     writeln!(stdout, "{}", seal(&seal_key, &secret))?;
     Ok(ExitCode::SUCCESS)
@@ -190,7 +198,9 @@ pub fn build_secret(
     crate::tokenizer::processor::check_fmt(&Default::default(), &fmt_dst, args.hmac)
         .map_err(|e| anyhow::anyhow!("--format/--allowed-format: {e}"))?;
 
-    if let Some(ph) = &args.body_placeholder {
+    if args.mint.selected() {
+        args.mint.apply(&mut s, getenv)?;
+    } else if let Some(ph) = &args.body_placeholder {
         if ph.is_empty() {
             bail!("--body-placeholder must not be empty");
         }
