@@ -10,5 +10,6 @@ mod fuzz_regressions;
 mod relay_e2e;
 mod tokenizer_compat;
 mod tokenizer_engine;
+mod tokenizer_mint;
 mod tokenizer_server;
 mod upstream_client;
