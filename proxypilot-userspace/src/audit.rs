@@ -50,6 +50,8 @@ pub struct RequestAudit {
     redactions: std::sync::OnceLock<crate::tokenizer::redact::Redactions>,
     /// What the host's `--permit`s decided (unset: refused before them).
     rules: std::sync::OnceLock<crate::relay::rules::Decision>,
+    /// The age of the minted short-lived token used (minting targets).
+    minted_age: std::sync::OnceLock<std::time::Duration>,
 }
 
 impl RequestAudit {
@@ -63,6 +65,7 @@ impl RequestAudit {
             bytes_out: AtomicU64::new(0),
             redactions: std::sync::OnceLock::new(),
             rules: std::sync::OnceLock::new(),
+            minted_age: std::sync::OnceLock::new(),
         }
     }
 
@@ -104,6 +107,12 @@ impl RequestAudit {
         let _ = self.rules.set(d);
     }
 
+    /// Records that a minted token this old was used: the line then names
+    /// its age and, as `parent_secret`, the secret that minted it.
+    pub fn set_minted_age(&self, age: std::time::Duration) {
+        let _ = self.minted_age.set(age);
+    }
+
     pub fn set_status(&self, status: u16) {
         self.status.store(status, Ordering::Relaxed);
     }
@@ -142,6 +151,8 @@ impl Drop for RequestAudit {
             // unrestricted, permitted or refused; "" when refused earlier.
             decision = %self.rule_decision(),
             rule = %self.rules.get().map(|d| d.rule()).unwrap_or_default(),
+            token_age_s = self.minted_age.get().map(|a| a.as_secs()),
+            parent_secret = self.minted_age.get().map(|_| c.secret_name.as_str()),
             "request"
         );
         if let Some(n) = self.redactions.get().map(|r| r.count()).filter(|n| *n > 0) {

@@ -943,6 +943,15 @@ impl RelaySettings {
             leaf_lifetime: crate::tls::leaf::DEFAULT_LIFETIME,
             leaf_capacity: crate::tls::leaf::DEFAULT_CAPACITY,
         })?;
+        let mut relay = relay;
+        if let TokenizerMode::Embedded { open_key_file, .. } = &self.tokenizer {
+            if !open_key_file.as_os_str().is_empty() {
+                let key = crate::tokenizer::OpenKey::from_file(open_key_file)?;
+                for (host, spec) in crate::relay::minted::detect(&key, &self.targets)? {
+                    relay = relay.minting(&host, spec)?;
+                }
+            }
+        }
         Ok(relay)
     }
 }

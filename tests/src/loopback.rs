@@ -19,7 +19,8 @@
 //! - `/status/NNN`: that status with `{"error":"status-from-fake"}`;
 //! - `POST /app/installations/ID/access_tokens`: GitHub's installation
 //!   token endpoint: with `Authorization: Bearer <jwt>` a 201
-//!   `{"token":"ghs_mintedN","expires_at":…}` (one hour), else 401;
+//!   `{"token":"ghs_mintedN","expires_at":…}` (one hour, or `?expires_in=S`
+//!   seconds), else 401;
 //! - anything else: JSON with the method, request-target, headers, body
 //!   length and the body's first 256 bytes.
 //!
@@ -241,7 +242,7 @@ async fn handle(
             serde_json::json!({"error": "status-from-fake"}),
         ),
         p if p.starts_with("/app/installations/") && p.ends_with("/access_tokens") => {
-            github_token_response(&parts.headers, seen)
+            github_token_response(&parts.headers, query, seen)
         }
         p if p.starts_with("/mirror") => Response::new(full(body)),
         _ => {
@@ -327,7 +328,11 @@ fn oauth_token_response(body: &[u8], seen: &Mutex<Vec<Seen>>) -> Response<TestBo
     )
 }
 
-fn github_token_response(headers: &HeaderMap, seen: &Mutex<Vec<Seen>>) -> Response<TestBody> {
+fn github_token_response(
+    headers: &HeaderMap,
+    query: &str,
+    seen: &Mutex<Vec<Seen>>,
+) -> Response<TestBody> {
     let jwt = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -344,7 +349,11 @@ fn github_token_response(headers: &HeaderMap, seen: &Mutex<Vec<Seen>>) -> Respon
         .iter()
         .filter(|s| s.path.ends_with("/access_tokens"))
         .count();
-    let at = (time::OffsetDateTime::now_utc() + time::Duration::hours(1))
+    let life = query
+        .strip_prefix("expires_in=")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3600);
+    let at = (time::OffsetDateTime::now_utc() + time::Duration::seconds(life))
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
     json_response(

@@ -8,6 +8,7 @@ mod audit_line;
 mod docs;
 mod fuzz_regressions;
 mod relay_e2e;
+mod relay_minted;
 mod tokenizer_compat;
 mod tokenizer_engine;
 mod tokenizer_mint;

@@ -168,7 +168,11 @@ async fn relay_request(
             })?;
     let (parts, body) = req.into_parts();
     let uri = admit(ctx, relay, &parts, &body, &scope.audit)?;
-    let (mut out, over_cap) = upstream_request(relay, credential, parts, body, uri, scope)?;
+    let minted = match relay.minted(&ctx.sni) {
+        None => None,
+        Some(m) => Some(super::minted::use_token(ctx, relay, m, &scope.audit).await?),
+    };
+    let (mut out, over_cap) = upstream_request(relay, credential, minted, parts, body, uri, scope)?;
     if upgrade.is_some() {
         crate::tokenizer::upgrade::set_upgrade_headers(out.headers_mut());
     }
@@ -268,6 +272,7 @@ fn admit(
 fn upstream_request(
     relay: &Relay,
     credential: &super::credentials::Credential,
+    minted: Option<HeaderValue>,
     parts: http::request::Parts,
     body: Incoming,
     uri: http::Uri,
@@ -279,7 +284,12 @@ fn upstream_request(
     let host =
         HeaderValue::from_str(authority).map_err(|e| RelayError::BadRequest(e.to_string()))?;
     headers.insert(header::HOST, host);
-    for value in credential.tokenizer_headers(&parts.headers) {
+    // A minted token is sent bare: it carries its own header and format.
+    let values = match minted {
+        Some(sealed) => vec![sealed],
+        None => credential.tokenizer_headers(&parts.headers),
+    };
+    for value in values {
         headers.append(HeaderName::from_static("proxy-tokenizer"), value);
     }
     if let Some(auth) = &relay.proxy_authorization {
