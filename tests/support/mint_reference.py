@@ -84,7 +84,7 @@ def gen(seal_key_hex):
                 "secret": {"github_app_processor": {"private_key": b64(gh_pem), "app_id": "12345",
                                                     "installation_id": "678", "token_url": ""},
                            "bearer_auth": {"digest": digest},
-                           "allowed_hosts": ["api.github.com"]}})
+                           "allowed_hosts": ["api.github.com", "uploads.github.com"]}})
     for case in out:
         text = json.dumps(case["secret"], separators=(",", ":"))
         case["sealed"] = b64(box.encrypt(text.encode()))

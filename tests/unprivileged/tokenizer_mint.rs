@@ -482,3 +482,29 @@ fn pynacl_opens_proxypilot_minting_secrets_with_go_field_names() {
         .strip_hazmat_string();
     assert!(!s.contains("LS0tLS1"), "{s}");
 }
+
+/// A minting processor inside multi_processor is refused (Go would send
+/// the minted token back unsealed), and logged shapes hold neither the
+/// client secret nor the private key.
+#[test]
+fn minting_inside_multi_processor_is_refused_and_shapes_are_redacted() {
+    let key = OpenKey::generate();
+    let engine = proxypilot::tokenizer::Engine::new(key.clone());
+    let json = r#"{"multi_processor":[{"inject_processor":{"token":"t"}},{"client_credentials_processor":{"client_id":"c","client_secret":"cc-secret-in-multi","token_url":"https://o.example/token"}}],"no_auth":{}}"#;
+    let secret = Secret::from_json(json.as_bytes()).unwrap();
+    let shape = secret.strip_hazmat_string();
+    assert!(!shape.contains("cc-secret-in-multi"), "{shape}");
+    let sealed = seal(&key.seal_key(), &secret);
+    let (mut parts, ()) = Request::post("http://o.example/token")
+        .header("proxy-tokenizer", sealed)
+        .body(())
+        .unwrap()
+        .into_parts();
+    let e = engine.apply(&mut parts).unwrap_err();
+    assert_eq!(e.status(), 400);
+    assert!(
+        e.to_string().contains("cannot be inside multi_processor"),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("cc-secret-in-multi"), "{e}");
+}
