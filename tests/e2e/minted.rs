@@ -43,8 +43,25 @@ fn assert_login(out: &Output) {
     assert_eq!(v["login"], GITHUB_LOGIN);
 }
 
+/// The embedded tokenizer: the sidecar opens the secret and sees it mints.
 #[test]
 fn gh_api_user_with_a_github_app_secret_mints_once_and_again_after_expiry() {
+    mints_once_and_again(Tokenizer::Embedded, &[]);
+}
+
+/// A remote `proxypilot tokenizer`: `--mint` says the secret mints.
+#[test]
+fn with_a_remote_tokenizer_mint_says_the_secret_mints() {
+    mints_once_and_again(
+        Tokenizer::Remote,
+        &[
+            "--mint",
+            "api.github.com=https://api.github.com/app/installations/99/access_tokens",
+        ],
+    );
+}
+
+fn mints_once_and_again(mode: Tokenizer, extra: &[&str]) {
     require_root!();
     if std::process::Command::new("gh")
         .arg("--version")
@@ -63,9 +80,10 @@ fn gh_api_user_with_a_github_app_secret_mints_once_and_again_after_expiry() {
         .set_github_app(GitHubApp::from_private_pem(APP_ID, &pem, 70));
     let fly = FlyShape::start_with_github_app(
         &net,
-        "ghapp",
-        Tokenizer::Embedded,
+        &format!("ghapp-{mode:?}"),
+        mode,
         (APP_ID, INSTALLATION, Path::new(KEY)),
+        extra,
     );
     for _ in 0..3 {
         assert_login(&gh_api_user(&net, &fly));

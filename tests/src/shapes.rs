@@ -108,12 +108,13 @@ impl FlyShape {
         name: &str,
         mode: Tokenizer,
         (app_id, installation_id, key_file): (&str, &str, &std::path::Path),
+        extra: &[&str],
     ) -> FlyShape {
         FlyShape::start_inner(
             net,
             name,
             mode,
-            &[],
+            extra,
             &[ANTHROPIC, OPENAI, GITHUB],
             Some((app_id, installation_id, key_file)),
         )

@@ -38,6 +38,34 @@ pub struct MintSpec {
 }
 
 impl MintSpec {
+    /// The spec `--mint HOST=TOKEN_URL` gives: a remote tokenizer's secret
+    /// cannot be opened here, so the kind is guessed from the path (the
+    /// answer is accepted with 200 or 201 either way).
+    pub fn from_url(url: &str) -> Result<MintSpec, MintError> {
+        let kind = if url.contains("/access_tokens") {
+            MintKind::GitHubApp
+        } else {
+            MintKind::OAuth
+        };
+        Self::with_url(kind, url)
+    }
+
+    fn with_url(kind: MintKind, url: &str) -> Result<MintSpec, MintError> {
+        let bad = || MintError::TokenUrl {
+            url: url.to_string(),
+        };
+        let u: Uri = url.parse().map_err(|_| bad())?;
+        if u.scheme_str() != Some("https") {
+            return Err(bad());
+        }
+        let authority = u.authority().ok_or_else(bad)?;
+        let pq = u.path_and_query().map_or("/", |p| p.as_str());
+        let token_uri = format!("http://{authority}{pq}")
+            .parse()
+            .map_err(|_| bad())?;
+        Ok(MintSpec { kind, token_uri })
+    }
+
     /// The spec of `secret` when it is a minting one: its token URL (for
     /// GitHub with the installation id filled in).
     pub fn of(secret: &Secret) -> Result<Option<MintSpec>, MintError> {
@@ -50,17 +78,7 @@ impl MintSpec {
         } else {
             return Ok(None);
         };
-        let bad = || MintError::TokenUrl { url: url.clone() };
-        let u: Uri = url.parse().map_err(|_| bad())?;
-        if u.scheme_str() != Some("https") {
-            return Err(bad());
-        }
-        let authority = u.authority().ok_or_else(bad)?;
-        let pq = u.path_and_query().map_or("/", |p| p.as_str());
-        let token_uri = format!("http://{authority}{pq}")
-            .parse()
-            .map_err(|_| bad())?;
-        Ok(Some(MintSpec { kind, token_uri }))
+        Self::with_url(kind, &url).map(Some)
     }
 }
 
@@ -234,11 +252,9 @@ impl Minted {
             })?;
         let status = resp.status();
         let body = read_capped(resp.into_body()).await;
-        let success = match self.spec.kind {
-            MintKind::OAuth => StatusCode::OK,
-            MintKind::GitHubApp => StatusCode::CREATED,
-        };
-        if status != success {
+        // 200 (OAuth) or 201 (GitHub): either way the answer must be the
+        // tokenizer's sealed-token JSON.
+        if status != StatusCode::OK && status != StatusCode::CREATED {
             return Err(MintError::Refused {
                 url,
                 status,

@@ -324,6 +324,7 @@ fn embedded_settings(
     let embedded: Arc<dyn Forward> =
         EmbeddedTokenizer::new(Engine::new(open_key), &opts.upstream_ca, &limits)?;
     let settings = RelaySettings {
+        mint: Vec::new(),
         targets,
         allow: Vec::new(),
         allow_dns: Vec::new(),
