@@ -40,6 +40,7 @@ impl std::fmt::Debug for BodyTransform {
             .map(|s| match s {
                 BodyStep::Replace { .. } => "replace",
                 BodyStep::Hmac { .. } => "hmac",
+                BodyStep::Set(_) => "set",
             })
             .collect();
         write!(f, "BodyTransform{names:?}")
@@ -81,6 +82,11 @@ impl BodyTransform {
                 BodyStep::Hmac { key, fmt, dst } => {
                     let bytes = collect_capped(&mut body, MAX_HMAC_BODY).await?;
                     headers.insert(dst, hmac_value(&key, &bytes, &fmt)?);
+                    body = Full::new(bytes).map_err(|e| match e {}).boxed_unsync();
+                }
+                BodyStep::Set(bytes) => {
+                    // The client's body is dropped unread.
+                    headers.insert(http::header::CONTENT_LENGTH, bytes.len().into());
                     body = Full::new(bytes).map_err(|e| match e {}).boxed_unsync();
                 }
             }

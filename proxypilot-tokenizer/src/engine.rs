@@ -19,6 +19,7 @@ use super::error::TokenizerError;
 use super::flysrc::{FlySrcVerifier, FLY_SRC, FLY_SRC_SIGNATURE};
 use super::header::{self, PROXY_AUTHORIZATION, PROXY_TOKENIZER};
 use super::keys::{OpenKey, SealKey};
+use super::mint::{self, ResponseSealer};
 use super::processor::{self, Action};
 use super::redact::{ask_for_identity, EchoNeedles, InjectedTokens};
 use super::secret::{compile_host_pattern, AuthRef, BearerAuth, FlySrcAuth, Secret};
@@ -60,6 +61,13 @@ pub struct Applied {
     /// What echoes of the values put into the request look like, to
     /// redact them from the response.
     pub injected: InjectedTokens,
+    /// For a minting secret (jwt, client_credentials, github_app): what
+    /// turns the token endpoint's answer into a sealed token. The front
+    /// door runs it on the response.
+    pub mint: Option<ResponseSealer>,
+    /// The path a minting secret sends the request to (GitHub's token
+    /// path); [`Engine::apply`] has already put it in the URI.
+    pub path: Option<String>,
 }
 
 impl Engine {
@@ -92,7 +100,11 @@ impl Engine {
 
     /// Apply every `Proxy-Tokenizer` header of a request head.
     pub fn apply(&self, parts: &mut http::request::Parts) -> Result<Applied, TokenizerError> {
-        self.apply_to(&parts.method, &mut parts.uri, &mut parts.headers)
+        let applied = self.apply_to(&parts.method, &mut parts.uri, &mut parts.headers)?;
+        if let Some(path) = &applied.path {
+            parts.uri = with_path(&parts.uri, path)?;
+        }
+        Ok(applied)
     }
 
     /// Same as [`Engine::apply`] for callers holding the method, URI and
@@ -114,6 +126,7 @@ impl Engine {
 
         let mut actions = Vec::with_capacity(values.len());
         let mut injected = InjectedTokens::default();
+        let mut sealer = None;
         for value in &values {
             let (b64, params) = header::parse(value)?;
             let (secret, shape, needles) = self.open(b64)?;
@@ -129,8 +142,26 @@ impl Engine {
             let procs = secret
                 .processors()
                 .ok_or_else(|| TokenizerError::BadSecret("bad processor config".into()))?;
+            if secret.multi_processor.is_some() && procs.iter().any(mint::is_minting) {
+                return Err(TokenizerError::BadSecret(
+                    "a minting processor (jwt, client_credentials, github_app) cannot be inside \
+                     multi_processor: its token would come back unsealed; seal it on its own"
+                        .into(),
+                ));
+            }
             for p in procs {
-                actions.push(processor::plan(p, &params)?);
+                let action = processor::plan(p, &params)?;
+                if let Action::Mint(m) = &action {
+                    if sealer.is_some() {
+                        return Err(TokenizerError::Processor(
+                            "more than one minting secret in one request; send one token request per secret"
+                                .into(),
+                        ));
+                    }
+                    sealer = Some(ResponseSealer::new(m.kind, &secret, &self.seal_key));
+                    injected.0.extend(EchoNeedles::new(&m.sent));
+                }
+                actions.push(action);
             }
             injected.0.extend(needles);
         }
@@ -140,6 +171,7 @@ impl Engine {
         }
 
         let mut body = BodyTransform::default();
+        let mut path = None;
         for action in actions {
             match action {
                 Action::SetHeader(name, value) => {
@@ -147,10 +179,22 @@ impl Engine {
                 }
                 Action::Body(step) => body.steps.push(step),
                 Action::Sigv4(step) => step.sign(method, uri, headers)?,
+                Action::Mint(m) => {
+                    for (name, value) in m.set {
+                        headers.insert(name, value);
+                    }
+                    for name in &m.remove {
+                        headers.remove(name);
+                    }
+                    body.steps
+                        .push(super::processor::BodyStep::Set(mint::body_bytes(&m.body)));
+                    path = m.path;
+                }
             }
         }
-        if !injected.0.is_empty() {
-            // Echoes in a compressed response could not be masked. After
+        if !injected.0.is_empty() || sealer.is_some() {
+            // Echoes in a compressed response could not be masked, nor a
+            // compressed token answer sealed. After
             // the processors: sigv4 drops Accept-Encoding before signing,
             // and an unsigned one added after it is what Go's transport
             // does too (it asks for gzip there).
@@ -162,6 +206,8 @@ impl Engine {
             secrets: values.len(),
             body,
             injected,
+            mint: sealer,
+            path,
         })
     }
 
@@ -272,6 +318,20 @@ impl std::fmt::Debug for Engine {
             .field("fly_src", &self.fly_src.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// `uri` with its path replaced and its query kept (Go sets `URL.Path`).
+fn with_path(uri: &Uri, path: &str) -> Result<Uri, TokenizerError> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().map_err(|_| {
+        TokenizerError::Processor("token_url's path is not a valid URI path".into())
+    })?);
+    Uri::from_parts(parts)
+        .map_err(|_| TokenizerError::Processor("token_url's path is not a valid URI path".into()))
 }
 
 /// The host a secret is validated against, as Go's `r.URL.Host`: the URI's

@@ -11,6 +11,8 @@
 //! - [`processor`]: a secret's processor and the request's parameters
 //!   turned into actions; [`body`] carries out the ones on the body.
 //! - [`sigv4`]: `sigv4_processor`, re-signing AWS SigV4 requests.
+//! - [`mint`]: the token-minting processors (jwt, client_credentials,
+//!   github_app) and the sealing of their answers.
 //! - [`redact`]: keeps injected credentials out of what upstream echoes.
 //! - [`client`]: the pooled, keep-alive, HTTP/2-capable HTTPS upstream client.
 //! - [`hop`]: the hop-by-hop header rules, shared with the relay.
@@ -24,6 +26,7 @@ pub mod flysrc;
 pub mod header;
 pub mod hop;
 pub mod keys;
+pub mod mint;
 pub mod processor;
 mod query;
 pub mod redact;

@@ -31,6 +31,8 @@ pub(crate) enum Action {
     Body(BodyStep),
     /// Re-sign the request (headers and query) with SigV4, in order.
     Sigv4(crate::sigv4::Sigv4Step),
+    /// A minting processor's rewrite (see `mint`).
+    Mint(Box<crate::mint::MintRequest>),
 }
 
 /// One body step, in the order of the Proxy-Tokenizer headers.
@@ -44,6 +46,8 @@ pub(crate) enum BodyStep {
         fmt: Format,
         dst: http::HeaderName,
     },
+    /// The whole body replaced (a minting processor's token request).
+    Set(bytes::Bytes),
 }
 
 fn bad(msg: &str) -> TokenizerError {
@@ -256,6 +260,9 @@ pub(crate) fn plan(p: ProcessorRef<'_>, params: &Params) -> Result<Action, Token
                 placeholder: body_placeholder(&c.placeholder, params),
                 token: Zeroizing::new(tok.as_bytes().to_vec()),
             }))
+        }
+        ProcessorRef::Jwt(_) | ProcessorRef::ClientCredentials(_) | ProcessorRef::GitHubApp(_) => {
+            crate::mint::plan(p, params).map(|m| Action::Mint(Box::new(m)))
         }
     }
 }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::Zeroize;
 
 use super::error::TokenizerError;
+pub use crate::mint::config::{ClientCredentialsProcessor, GitHubAppProcessor, JwtProcessor};
 
 /// What Go's StripHazmat writes in place of secrets.
 pub const REDACTED: &str = "REDACTED";
@@ -115,7 +116,7 @@ impl<'de> Deserialize<'de> for SecretBytes {
 }
 
 /// Go reads JSON `null` into a non-pointer field as its zero value.
-fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+pub(crate) fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de> + Default,
@@ -257,6 +258,15 @@ pub struct Secret {
     /// element are read; [`Secret::from_json`] refuses anything else in one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multi_processor: Option<Vec<Secret>>,
+    /// Mints a token by the RFC 7523 jwt-bearer grant (see `mint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_processor: Option<JwtProcessor>,
+    /// Mints a token by the client-credentials grant (see `mint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_credentials_processor: Option<ClientCredentialsProcessor>,
+    /// Mints a GitHub App installation token (see `mint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub github_app_processor: Option<GitHubAppProcessor>,
 
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bearer_auth: Option<BearerAuth>,
@@ -290,6 +300,9 @@ pub enum ProcessorRef<'a> {
     OAuth2(&'a OAuth2Processor),
     OAuth2Body(&'a OAuth2BodyProcessor),
     Sigv4(&'a Sigv4Processor),
+    Jwt(&'a JwtProcessor),
+    ClientCredentials(&'a ClientCredentialsProcessor),
+    GitHubApp(&'a GitHubAppProcessor),
 }
 
 /// The secret's auth, checked to be the only one.
@@ -310,6 +323,9 @@ const PROCESSOR_KEYS: &[&str] = &[
     "oauth2_body_processor",
     "sigv4_processor",
     "multi_processor",
+    "jwt_processor",
+    "client_credentials_processor",
+    "github_app_processor",
 ];
 const AUTH_KEYS: &[&str] = &[
     "bearer_auth",
@@ -408,6 +424,13 @@ impl Secret {
                 .as_ref()
                 .map(ProcessorRef::OAuth2Body),
             self.sigv4_processor.as_ref().map(ProcessorRef::Sigv4),
+            self.jwt_processor.as_ref().map(ProcessorRef::Jwt),
+            self.client_credentials_processor
+                .as_ref()
+                .map(ProcessorRef::ClientCredentials),
+            self.github_app_processor
+                .as_ref()
+                .map(ProcessorRef::GitHubApp),
         ];
         let mut it = all.into_iter().flatten();
         let first = it.next();
@@ -501,6 +524,9 @@ impl Secret {
             push(&p.access_key);
             push(&p.secret_key);
         }
+        if let Some(p) = &self.client_credentials_processor {
+            push(&p.client_secret);
+        }
         for element in self.multi_processor.iter().flatten() {
             out.extend(element.sent_tokens());
         }
@@ -551,6 +577,23 @@ impl Secret {
                 .multi_processor
                 .as_ref()
                 .map(|list| list.iter().map(Secret::strip_hazmat).collect()),
+            jwt_processor: self.jwt_processor.as_ref().map(|p| JwtProcessor {
+                private_key: SecretBytes::redacted(),
+                ..p.clone()
+            }),
+            client_credentials_processor: self.client_credentials_processor.as_ref().map(|p| {
+                ClientCredentialsProcessor {
+                    client_secret: red(),
+                    ..p.clone()
+                }
+            }),
+            github_app_processor: self
+                .github_app_processor
+                .as_ref()
+                .map(|p| GitHubAppProcessor {
+                    private_key: SecretBytes::redacted(),
+                    ..p.clone()
+                }),
             bearer_auth: self.bearer_auth.as_ref().map(|_| BearerAuth {
                 digest: SecretBytes::redacted(),
             }),
@@ -560,6 +603,19 @@ impl Secret {
             no_auth: self.no_auth.clone(),
             allowed_hosts: self.allowed_hosts.clone(),
             allowed_host_pattern: self.allowed_host_pattern.clone(),
+        }
+    }
+
+    /// Only the auth of this secret (no processor, no validators): what a
+    /// minted token's sealed secret starts from.
+    pub fn auth_only(&self) -> Secret {
+        Secret {
+            bearer_auth: self.bearer_auth.clone(),
+            macaroon_auth: self.macaroon_auth.clone(),
+            flyio_macaroon_auth: self.flyio_macaroon_auth.clone(),
+            fly_src_auth: self.fly_src_auth.clone(),
+            no_auth: self.no_auth.clone(),
+            ..Default::default()
         }
     }
 

@@ -230,8 +230,13 @@ where
     let rbody = rbody
         .map_err(|e| -> super::body::BoxError { Box::new(e) })
         .boxed_unsync();
+    let mut response = Response::from_parts(rparts, rbody);
+    if let Some(sealer) = applied.mint {
+        // A minting secret: the client gets the token sealed, never plain.
+        response = sealer.seal(response).await?;
+    }
     Ok(Forwarded {
-        response: Response::from_parts(rparts, rbody),
+        response,
         secrets: applied.secrets,
         injected: applied.injected,
     })

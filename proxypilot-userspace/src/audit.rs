@@ -50,6 +50,8 @@ pub struct RequestAudit {
     redactions: std::sync::OnceLock<crate::tokenizer::redact::Redactions>,
     /// What the host's `--permit`s decided (unset: refused before them).
     rules: std::sync::OnceLock<RuleOutcome>,
+    /// The age of the minted short-lived token used (minting targets).
+    minted_age: std::sync::OnceLock<std::time::Duration>,
 }
 
 /// What a host's rule set decided for a request, as the audit line shows
@@ -73,6 +75,7 @@ impl RequestAudit {
             bytes_out: AtomicU64::new(0),
             redactions: std::sync::OnceLock::new(),
             rules: std::sync::OnceLock::new(),
+            minted_age: std::sync::OnceLock::new(),
         }
     }
 
@@ -114,6 +117,12 @@ impl RequestAudit {
         let _ = self.rules.set(outcome);
     }
 
+    /// Records that a minted token this old was used: the line then names
+    /// its age and, as `parent_secret`, the secret that minted it.
+    pub fn set_minted_age(&self, age: std::time::Duration) {
+        let _ = self.minted_age.set(age);
+    }
+
     pub fn set_status(&self, status: u16) {
         self.status.store(status, Ordering::Relaxed);
     }
@@ -152,6 +161,8 @@ impl Drop for RequestAudit {
             // unrestricted, permitted or refused; "" when refused earlier.
             decision = %self.rule_decision(),
             rule = %self.rules.get().map_or("", |d| d.rule.as_str()),
+            token_age_s = self.minted_age.get().map(|a| a.as_secs()),
+            parent_secret = self.minted_age.get().map(|_| c.secret_name.as_str()),
             "request"
         );
         if let Some(n) = self.redactions.get().map(|r| r.count()).filter(|n| *n > 0) {

@@ -44,6 +44,13 @@ pub struct RelayArgs {
     /// permits allows everything, others get 403.
     #[arg(long = "permit", value_name = "HOST METHOD PATH")]
     pub permits: Vec<String>,
+    /// HOST's sealed secret mints short-lived tokens (jwt,
+    /// client_credentials, github_app) at TOKEN_URL, an https:// URL: the
+    /// relay requests, caches and refreshes them through the tokenizer.
+    /// Needed with a remote tokenizer; the embedded one finds out itself.
+    /// Repeatable.
+    #[arg(long = "mint", value_name = "HOST=TOKEN_URL")]
+    pub mint: Vec<String>,
     /// Tokenizer URL (an HTTP proxy, reached over plain HTTP or, with
     /// https://, over TLS), or `embedded` for the in-process engine.
     /// Default: $PROXY, else http://tokenizer.flycast:8080.
@@ -269,6 +276,8 @@ pub struct RelaySettings {
     /// The config file's `allow-cidr` and `allow-unix`: kernel rules added
     /// to the flags' (a reload can change these; flags need a restart).
     pub file_kernel: FileKernelRules,
+    /// `--mint`: targets whose secret mints short-lived tokens, and where.
+    pub mint: Vec<(String, crate::relay::minted::MintSpec)>,
 }
 
 /// Kernel allowlist entries from the config file.
@@ -477,6 +486,21 @@ impl RelayArgs {
         }
 
         add_permits(&mut targets, &permit_specs, &mut errors);
+        let mut mint = Vec::new();
+        for spec in &self.mint {
+            match spec.split_once('=') {
+                Some((h, url)) if targets.contains_key(h) => {
+                    match crate::relay::minted::MintSpec::from_url(url) {
+                        Ok(s) => mint.push((h.to_string(), s)),
+                        Err(e) => errors.push(format!("--mint {spec:?}: {e}")),
+                    }
+                }
+                Some((h, _)) => errors.push(format!(
+                    "--mint {spec:?}: {h} is not a --target; give it one with its sealed secret"
+                )),
+                None => errors.push(format!("--mint {spec:?}: expected HOST=TOKEN_URL")),
+            }
+        }
         let limits = self
             .limits
             .resolve(&file, &|host| targets.contains_key(host), &mut errors);
@@ -684,6 +708,7 @@ impl RelayArgs {
             metrics_listen,
             limits,
             file_kernel,
+            mint,
         })
     }
 }
@@ -1021,6 +1046,19 @@ impl RelaySettings {
             leaf_lifetime: crate::tls::leaf::DEFAULT_LIFETIME,
             leaf_capacity: crate::tls::leaf::DEFAULT_CAPACITY,
         })?;
+        let mut relay = relay;
+        for (host, spec) in &self.mint {
+            relay = relay.minting(host, spec.clone())?;
+        }
+        if let TokenizerMode::Embedded { open_key, .. } = &self.tokenizer {
+            // The engine is ours: open each target's secret to see whether
+            // it mints (a remote tokenizer's are named by --mint).
+            for (host, spec) in crate::relay::minted::detect(open_key, &self.targets)? {
+                if relay.minted(&host).is_none() {
+                    relay = relay.minting(&host, spec)?;
+                }
+            }
+        }
         Ok(relay)
     }
 }
@@ -1035,6 +1073,35 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn mint_names_a_target_and_an_https_token_url() {
+        let env = env_of(&[("GH", "sealed-gh")]);
+        let args = |mint: &[&str]| RelayArgs {
+            targets: vec!["api.github.com=GH".into()],
+            mint: mint.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        let s = args(&["api.github.com=https://api.github.com/app/installations/1/access_tokens"])
+            .resolve_with(&env)
+            .unwrap();
+        assert_eq!(s.mint.len(), 1);
+        assert_eq!(
+            s.mint[0].1.token_uri,
+            "http://api.github.com/app/installations/1/access_tokens"
+        );
+        let e = args(&[
+            "other.example.com=https://o/token",
+            "api.github.com=http://plain/token",
+            "x",
+        ])
+        .resolve_with(&env)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("other.example.com is not a --target"), "{e}");
+        assert!(e.contains("is not an https:// URL"), "{e}");
+        assert!(e.contains("expected HOST=TOKEN_URL"), "{e}");
     }
 
     #[test]

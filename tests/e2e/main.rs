@@ -15,6 +15,7 @@ mod faults;
 mod harness;
 mod kernel;
 mod metrics;
+mod minted;
 mod relay;
 mod reload;
 mod rules;

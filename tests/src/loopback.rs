@@ -12,6 +12,15 @@
 //! - `/sse`: two events, the second held until its [`Gate`] allows it;
 //! - `/bytes?n=N`: N pattern bytes ([`crate::upstream::pattern_byte`]);
 //! - `/endless`: a 512-byte chunk each millisecond until the client goes;
+//! - `POST /token`: an OAuth token endpoint: a jwt-bearer form body with an
+//!   assertion, or a client-credentials one with id and secret, gets 200
+//!   `{"access_token":"minted-access-N","expires_in":3600}`, anything else
+//!   400 (the test verifies the assertion's signature from [`Seen`]);
+//! - `/status/NNN`: that status with `{"error":"status-from-fake"}`;
+//! - `POST /app/installations/ID/access_tokens`: GitHub's installation
+//!   token endpoint: with `Authorization: Bearer <jwt>` a 201
+//!   `{"token":"ghs_mintedN","expires_at":…}` (one hour, or `?expires_in=S`
+//!   seconds), else 401;
 //! - anything else: JSON with the method, request-target, headers, body
 //!   length and the body's first 256 bytes.
 //!
@@ -239,6 +248,14 @@ async fn handle(
             bytes_response(n).map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed())
         }
         "/endless" => endless_response(),
+        "/token" => oauth_token_response(&body, seen),
+        p if p.starts_with("/status/") => json_response(
+            p[8..].parse().expect("/status/NNN"),
+            serde_json::json!({"error": "status-from-fake"}),
+        ),
+        p if p.starts_with("/app/installations/") && p.ends_with("/access_tokens") => {
+            github_token_response(&parts.headers, query, seen)
+        }
         p if p.starts_with("/mirror") => Response::new(full(body)),
         _ => {
             let headers: BTreeMap<String, String> = parts
@@ -259,6 +276,102 @@ async fn handle(
     resp.headers_mut()
         .insert("x-upstream", http::HeaderValue::from_static("fake"));
     resp
+}
+
+/// The fields of a form body (`a=b&c=d`, `+` and `%XX` decoded).
+pub fn form_fields(body: &[u8]) -> BTreeMap<String, String> {
+    let decode = |s: &str| -> String {
+        let s = s.replace('+', " ");
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' && i + 2 < b.len() {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("?");
+                if let Ok(v) = u8::from_str_radix(hex, 16) {
+                    out.push(v);
+                    i += 3;
+                    continue;
+                }
+            }
+            out.push(b[i]);
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    String::from_utf8_lossy(body)
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (decode(k), decode(v)))
+        .collect()
+}
+
+fn json_response(status: u16, v: serde_json::Value) -> Response<TestBody> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(full(v.to_string()))
+        .unwrap()
+}
+
+fn oauth_token_response(body: &[u8], seen: &Mutex<Vec<Seen>>) -> Response<TestBody> {
+    let f = form_fields(body);
+    let ok = match f.get("grant_type").map(String::as_str) {
+        Some("urn:ietf:params:oauth:grant-type:jwt-bearer") => f
+            .get("assertion")
+            .is_some_and(|a| a.split('.').count() == 3),
+        Some("client_credentials") => {
+            f.contains_key("client_id") && f.contains_key("client_secret")
+        }
+        _ => false,
+    };
+    if !ok {
+        return json_response(400, serde_json::json!({"error": "invalid_request"}));
+    }
+    let n = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.path == "/token")
+        .count();
+    json_response(
+        200,
+        serde_json::json!({"access_token": format!("minted-access-{n}"), "expires_in": 3600, "token_type": "Bearer"}),
+    )
+}
+
+fn github_token_response(
+    headers: &HeaderMap,
+    query: &str,
+    seen: &Mutex<Vec<Seen>>,
+) -> Response<TestBody> {
+    let jwt = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if jwt.is_none_or(|j| j.split('.').count() != 3) {
+        return json_response(
+            401,
+            serde_json::json!({"message": "A JSON web token could not be decoded"}),
+        );
+    }
+    let n = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.path.ends_with("/access_tokens"))
+        .count();
+    let life = query
+        .strip_prefix("expires_in=")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3600);
+    let at = (time::OffsetDateTime::now_utc() + time::Duration::seconds(life))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    json_response(
+        201,
+        serde_json::json!({"token": format!("ghs_minted{n}"), "expires_at": at}),
+    )
 }
 
 /// Two events, each let through by `gate`: if anything between buffers, a

@@ -97,6 +97,37 @@ impl FlyShape {
         extra: &[&str],
         flag_targets: &[&str],
     ) -> FlyShape {
+        FlyShape::start_inner(net, name, mode, extra, flag_targets, None)
+    }
+
+    /// As [`FlyShape::start`], with api.github.com's secret a
+    /// `github_app_processor` one (`proxypilot seal --github-app-id`) for
+    /// the app `app_id`, installation `installation_id`, key `key_file`.
+    pub fn start_with_github_app(
+        net: &FakeInternet,
+        name: &str,
+        mode: Tokenizer,
+        (app_id, installation_id, key_file): (&str, &str, &std::path::Path),
+        extra: &[&str],
+    ) -> FlyShape {
+        FlyShape::start_inner(
+            net,
+            name,
+            mode,
+            extra,
+            &[ANTHROPIC, OPENAI, GITHUB],
+            Some((app_id, installation_id, key_file)),
+        )
+    }
+
+    fn start_inner(
+        net: &FakeInternet,
+        name: &str,
+        mode: Tokenizer,
+        extra: &[&str],
+        flag_targets: &[&str],
+        github_app: Option<(&str, &str, &std::path::Path)>,
+    ) -> FlyShape {
         let dir = net.dir.0.join(format!("fly-{name}"));
         fs::create_dir_all(&dir).unwrap();
         let open_key = dir.join("open.key");
@@ -114,21 +145,24 @@ impl FlyShape {
             (OPENAI, "OPENAI_SEALED", &keys.openai),
             (GITHUB, "GH_SEALED", &keys.github),
         ] {
-            let out = run_ok(
-                Command::new(proxypilot_bin())
+            let mut cmd = Command::new(proxypilot_bin());
+            cmd.args(["seal", "--no-auth", "--host", host, "--seal-key", &seal_key]);
+            match github_app.filter(|_| host == GITHUB) {
+                Some((app_id, installation_id, key_file)) => cmd
                     .args([
-                        "seal",
-                        "--no-auth",
-                        "--host",
-                        host,
-                        "--seal-key",
-                        &seal_key,
-                        "--token-env",
-                        "REAL",
+                        "--github-app-id",
+                        app_id,
+                        "--installation-id",
+                        installation_id,
                     ])
+                    .arg("--private-key-file")
+                    .arg(key_file),
+                None => cmd
+                    .args(["--token-env", "REAL"])
                     .args(seal_args(host))
                     .env("REAL", real),
-            );
+            };
+            let out = run_ok(&mut cmd);
             sealed.push((
                 host,
                 var,

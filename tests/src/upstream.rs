@@ -290,6 +290,107 @@ struct State {
     /// SETTINGS_MAX_CONCURRENT_STREAMS of new HTTP/2 connections (0:
     /// hyper's default).
     h2_max_streams: std::sync::atomic::AtomicU32,
+    /// The GitHub App whose installation tokens api.github.com mints.
+    app: Mutex<Option<GitHubApp>>,
+    /// The installation tokens minted so far; /user accepts each.
+    minted: Mutex<Vec<String>>,
+}
+
+/// A GitHub App the fake api.github.com knows: `POST
+/// /app/installations/ID/access_tokens` with an app JWT signed RS256 by its
+/// key (checked against `public_key`, with `iss` and `exp`) answers 201
+/// with a fresh installation token living `lifetime_secs`.
+#[derive(Clone, Debug)]
+pub struct GitHubApp {
+    pub app_id: String,
+    /// The app key's public half, PKCS#1 RSAPublicKey DER.
+    pub public_key: Vec<u8>,
+    pub lifetime_secs: i64,
+}
+
+impl GitHubApp {
+    /// The app for a PKCS#1 PEM private key file (the seal tests' fixture).
+    pub fn from_private_pem(app_id: &str, pem: &str, lifetime_secs: i64) -> GitHubApp {
+        use base64::Engine as _;
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        let pair = ring::signature::RsaKeyPair::from_der(&der).expect("a PKCS#1 RSA key");
+        use ring::signature::KeyPair as _;
+        GitHubApp {
+            app_id: app_id.into(),
+            public_key: pair.public_key().as_ref().to_vec(),
+            lifetime_secs,
+        }
+    }
+}
+
+/// The installation-token endpoint: 401 unless the app JWT verifies.
+fn github_app_token(h: &HeaderMap, state: &State) -> Response<Body> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let deny = |why: &str| {
+        json_response(
+            StatusCode::UNAUTHORIZED,
+            json!({"message": format!("A JSON web token could not be decoded: {why}")}),
+        )
+    };
+    let Some(app) = state.app.lock().unwrap().clone() else {
+        return deny("no GitHub App configured in the fake");
+    };
+    let Some(jwt) = header_str(h, "authorization").and_then(|v| v.strip_prefix("Bearer ")) else {
+        return deny("no Bearer app JWT");
+    };
+    let parts: Vec<&str> = jwt.split('.').collect();
+    if parts.len() != 3 {
+        return deny("not a JWT");
+    }
+    let (Ok(head), Ok(claims), Ok(sig)) = (
+        b64.decode(parts[0]),
+        b64.decode(parts[1]),
+        b64.decode(parts[2]),
+    ) else {
+        return deny("bad base64url");
+    };
+    let head: Value = serde_json::from_slice(&head).unwrap_or(Value::Null);
+    let claims: Value = serde_json::from_slice(&claims).unwrap_or(Value::Null);
+    if head["alg"] != "RS256" {
+        return deny("alg is not RS256");
+    }
+    let signed = format!("{}.{}", parts[0], parts[1]);
+    if ring::signature::UnparsedPublicKey::new(
+        &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+        &app.public_key,
+    )
+    .verify(signed.as_bytes(), &sig)
+    .is_err()
+    {
+        return deny("the signature does not verify with the app's public key");
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    if claims["iss"] != app.app_id.as_str() {
+        return deny("iss is not the app id");
+    }
+    let (Some(iat), Some(exp)) = (claims["iat"].as_i64(), claims["exp"].as_i64()) else {
+        return deny("no iat/exp");
+    };
+    if exp <= now || iat > now + 60 || exp - iat > 600 {
+        return deny("'Expiration time' claim ('exp') is too far in the future or past");
+    }
+    let mut minted = state.minted.lock().unwrap();
+    let token = format!("ghs_installation{:024}", minted.len() + 1);
+    minted.push(token.clone());
+    let at = (time::OffsetDateTime::now_utc() + time::Duration::seconds(app.lifetime_secs))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    json_response(
+        StatusCode::CREATED,
+        json!({"token": token, "expires_at": at, "permissions": {"metadata": "read"}, "repository_selection": "all"}),
+    )
 }
 
 /// How a fake WebSocket session ended.
@@ -344,6 +445,8 @@ impl FakeApis {
             ids: AtomicU64::new(1),
             ws_ends: Mutex::new(Vec::new()),
             h2_max_streams: std::sync::atomic::AtomicU32::new(0),
+            app: Mutex::new(None),
+            minted: Mutex::new(Vec::new()),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -432,6 +535,16 @@ impl FakeApis {
     /// connection would.
     pub fn set_h2_max_concurrent_streams(&self, n: u32) {
         self.state.h2_max_streams.store(n, Ordering::Relaxed);
+    }
+
+    /// Makes api.github.com mint installation tokens for `app`.
+    pub fn set_github_app(&self, app: GitHubApp) {
+        *self.state.app.lock().unwrap() = Some(app);
+    }
+
+    /// The installation tokens api.github.com has minted, in order.
+    pub fn minted_tokens(&self) -> Vec<String> {
+        self.state.minted.lock().unwrap().clone()
     }
 
     /// A pause before each streamed event after the first (default none).
@@ -565,7 +678,24 @@ async fn handle(mut req: Request<Incoming>, conn: &Conn, state: &Arc<State>) -> 
             match conn.api {
                 Api::Anthropic => anthropic(&parts.method, &route, h, &record.body, state),
                 Api::OpenAi => openai(&parts.method, &route, h, &record.body, state),
-                Api::GitHub => github(&parts.method, &route, h, &record.body, &state.keys.github),
+                Api::GitHub
+                    if parts.method == Method::POST
+                        && route.starts_with("/app/installations/")
+                        && route.ends_with("/access_tokens") =>
+                {
+                    github_app_token(h, state)
+                }
+                Api::GitHub => {
+                    let minted = state.minted.lock().unwrap().clone();
+                    github(
+                        &parts.method,
+                        &route,
+                        h,
+                        &record.body,
+                        &state.keys.github,
+                        &minted,
+                    )
+                }
                 Api::Generic => json_response(StatusCode::NOT_FOUND, json!({"error": "not found"})),
             }
         }
@@ -997,7 +1127,14 @@ fn repo_of(route: &str) -> Option<(&str, &str)> {
     (!owner.is_empty() && !name.is_empty() && !name.contains('/')).then_some((owner, name))
 }
 
-fn github(m: &Method, route: &str, h: &HeaderMap, body: &[u8], real: &str) -> Response<Body> {
+fn github(
+    m: &Method,
+    route: &str,
+    h: &HeaderMap,
+    body: &[u8],
+    real: &str,
+    minted: &[String],
+) -> Response<Body> {
     let msg = |status: StatusCode, text: &str, doc: &str| {
         json_response(
             status,
@@ -1014,7 +1151,7 @@ fn github(m: &Method, route: &str, h: &HeaderMap, body: &[u8], real: &str) -> Re
     });
     let authed = match token {
         None => false,
-        Some(t) if t == real => true,
+        Some(t) if t == real || minted.iter().any(|m| m == t) => true,
         Some(_) => {
             return msg(
                 StatusCode::UNAUTHORIZED,

@@ -35,7 +35,7 @@ const REAL_SECRET: &str = "real-secret-do-not-log";
 const SECRET_NAME: &str = "EXAMPLE_SEALED";
 
 /// All log output of this test binary, as JSON lines.
-fn logs() -> &'static LogCapture {
+pub(crate) fn logs() -> &'static LogCapture {
     static LOGS: OnceLock<LogCapture> = OnceLock::new();
     LOGS.get_or_init(|| {
         let cap = LogCapture::default();

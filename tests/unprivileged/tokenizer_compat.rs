@@ -76,7 +76,7 @@ fn engine_accepts_pynacl_sealed_fixtures() {
     }
 }
 
-fn nacl_available() -> bool {
+pub(crate) fn nacl_available() -> bool {
     let ok = Command::new("python3")
         .args(["-c", "import nacl.public"])
         .status()
@@ -91,7 +91,7 @@ fn nacl_available() -> bool {
     ok
 }
 
-fn open_with_pynacl(key: &OpenKey, sealed: &str) -> String {
+pub(crate) fn open_with_pynacl(key: &OpenKey, sealed: &str) -> String {
     let mut child = Command::new("python3")
         .arg(OPENER)
         .stdin(Stdio::piped())
@@ -113,7 +113,7 @@ fn open_with_pynacl(key: &OpenKey, sealed: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn keys_of(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
+pub(crate) fn keys_of(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
     if let Value::Object(m) = v {
         for (k, v) in m {
             let path = if prefix.is_empty() {

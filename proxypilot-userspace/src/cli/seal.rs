@@ -113,6 +113,10 @@ pub struct SealArgs {
 
     #[command(flatten)]
     pub json: super::seal_json::JsonSealArgs,
+
+    /// The token-minting processors (no token on stdin for them).
+    #[command(flatten)]
+    pub mint: super::seal_mint::MintArgs,
 }
 
 pub fn run(args: SealArgs) -> anyhow::Result<ExitCode> {
@@ -138,11 +142,13 @@ pub fn run_with(
     }
     let seal_key = SealKey::from_hex(args.seal_key.as_deref().unwrap_or_default())
         .context("--seal-key / SEAL_KEY")?;
-    let token = zeroize::Zeroizing::new(if args.sigv4.selected() || args.json.selected() {
-        String::new() // the keys come from their own files or variables
-    } else {
-        read_token(&args, stdin, getenv)?
-    });
+    let token = zeroize::Zeroizing::new(
+        if args.sigv4.selected() || args.json.selected() || args.mint.selected() {
+            String::new() // the keys come from their own files or variables
+        } else {
+            read_token(&args, stdin, getenv)?
+        },
+    );
     let secret = build_secret(&args, &token, getenv)?;
     writeln!(stdout, "{}", seal(&seal_key, &secret))?;
     Ok(ExitCode::SUCCESS)
@@ -206,7 +212,9 @@ pub fn build_secret(
     crate::tokenizer::processor::check_fmt(&Default::default(), &fmt_dst, args.hmac)
         .map_err(|e| anyhow::anyhow!("--format/--allowed-format: {e}"))?;
 
-    if args.sigv4.selected() {
+    if args.mint.selected() {
+        args.mint.apply(&mut s, getenv)?;
+    } else if args.sigv4.selected() {
         s.sigv4_processor = Some(args.sigv4.processor(getenv)?);
     } else if let Some(ph) = &args.body_placeholder {
         if ph.is_empty() {

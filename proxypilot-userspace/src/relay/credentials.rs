@@ -94,6 +94,12 @@ impl Credential {
         })
     }
 
+    /// The sealed secret itself (what a minting target's token request
+    /// carries).
+    pub fn sealed(&self) -> &HeaderValue {
+        &self.sealed
+    }
+
     /// The `Proxy-Tokenizer` values for a request with `client` headers:
     /// one per slot the client filled (each naming that header and its
     /// format), or the bare sealed secret (its own default header) when the

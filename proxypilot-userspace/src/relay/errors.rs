@@ -77,6 +77,14 @@ pub enum RelayError {
     NotPermitted(super::rules::Refusal),
     #[error(transparent)]
     Forward(#[from] ForwardError),
+    /// The target's secret mints short-lived tokens, and none could be had.
+    #[error("no short-lived token for {host} (secret {secret})")]
+    Mint {
+        host: String,
+        secret: String,
+        #[source]
+        source: Box<super::minted::MintError>,
+    },
 }
 
 /// What the client is told about an error: its status, what failed, and
@@ -142,6 +150,7 @@ impl From<&RelayError> for ErrorResponse {
                 StatusCode::BAD_GATEWAY,
                 "the connection to the tokenizer broke mid-request; check the tokenizer's logs".into(),
             ),
+            RelayError::Mint { source, .. } => (StatusCode::BAD_GATEWAY, source.hint().into()),
             RelayError::Forward(ForwardError::Engine { status, .. }) => (
                 *status,
                 "check the sealed secret for this host (--target) and the embedded tokenizer's open key".into(),

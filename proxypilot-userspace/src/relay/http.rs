@@ -157,7 +157,11 @@ async fn relay_request(
         .extensions
         .get::<crate::tokenizer::ClientConn>()
         .copied();
-    let (mut out, over_cap) = upstream_request(relay, credential, parts, body, uri, scope)?;
+    let minted = match relay.minted(&ctx.sni) {
+        None => None,
+        Some(m) => Some(super::minted::use_token(ctx, relay, m, &scope.audit).await?),
+    };
+    let (mut out, over_cap) = upstream_request(relay, credential, minted, parts, body, uri, scope)?;
     if let Some(c) = client {
         out.extensions_mut().insert(c);
     }
@@ -263,6 +267,7 @@ fn admit(
 fn upstream_request(
     relay: &Relay,
     credential: &super::credentials::Credential,
+    minted: Option<HeaderValue>,
     parts: http::request::Parts,
     body: Incoming,
     uri: http::Uri,
@@ -274,7 +279,12 @@ fn upstream_request(
     let host =
         HeaderValue::from_str(authority).map_err(|e| RelayError::BadRequest(e.to_string()))?;
     headers.insert(header::HOST, host);
-    for value in credential.tokenizer_headers(&parts.headers) {
+    // A minted token is sent bare: it carries its own header and format.
+    let values = match minted {
+        Some(sealed) => vec![sealed],
+        None => credential.tokenizer_headers(&parts.headers),
+    };
+    for value in values {
         headers.append(HeaderName::from_static("proxy-tokenizer"), value);
     }
     if let Some(auth) = &relay.proxy_authorization {

@@ -303,6 +303,7 @@ impl Metrics {
             RelayError::Forward(ForwardError::Failed { .. }) => upstream("failed"),
             RelayError::Forward(ForwardError::Engine { .. }) => upstream("engine"),
             RelayError::UpgradeNotRelayed { .. } => upstream("upgrade_not_relayed"),
+            RelayError::Mint { .. } => upstream("mint"),
         }
     }
 

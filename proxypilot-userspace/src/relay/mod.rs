@@ -27,6 +27,7 @@ pub mod handshake;
 pub mod http;
 pub mod live;
 pub mod metrics;
+pub mod minted;
 pub mod passthrough;
 pub mod ratelimit;
 pub mod redirected;
@@ -152,6 +153,8 @@ pub struct Relay {
     policy: Policy,
     /// Intercepted host → its sealed secret and credential slots.
     credentials: BTreeMap<String, Arc<Credential>>,
+    /// Intercepted hosts whose secret mints short-lived tokens.
+    minted: BTreeMap<String, Arc<minted::Minted>>,
     leaves: Arc<LeafCache>,
     tls_base: Arc<rustls::ServerConfig>,
     forwarder: Forwarder,
@@ -234,6 +237,7 @@ impl Relay {
         Ok(Relay {
             policy,
             credentials,
+            minted: BTreeMap::new(),
             leaves: Arc::new(LeafCache::new(cfg.ca, cfg.leaf_lifetime, cfg.leaf_capacity)),
             tls_base: Arc::new(tls),
             forwarder: cfg.forwarder,
@@ -249,6 +253,23 @@ impl Relay {
             http,
             pass_through_dns: None,
         })
+    }
+
+    /// This relay, getting short-lived tokens for `host` through the
+    /// tokenizer with its sealed (minting) secret, as `spec` says.
+    pub fn minting(mut self, host: &str, spec: minted::MintSpec) -> anyhow::Result<Relay> {
+        let c = self
+            .credentials
+            .get(host)
+            .with_context(|| format!("{host} mints tokens but is not a --target"))?;
+        let m = minted::Minted::new(spec, c.sealed().clone());
+        self.minted.insert(host.to_string(), Arc::new(m));
+        Ok(self)
+    }
+
+    /// The minting state of `host`, if its secret mints.
+    pub fn minted(&self, host: &str) -> Option<&Arc<minted::Minted>> {
+        self.minted.get(host)
     }
 
     /// This relay, resolving pass-through hosts through `upstreams`: the

@@ -171,14 +171,45 @@ fn open_mode(data: &[u8]) {
 #[derive(Arbitrary, Debug)]
 enum Proc {
     Inject,
-    Hmac { sha256: bool, key: Vec<u8> },
+    Hmac {
+        sha256: bool,
+        key: Vec<u8>,
+    },
     InjectBody,
     OAuth2 { refresh: Option<String> },
     OAuth2Body { refresh: Option<String> },
     Sigv4 { no_swap: Option<bool> },
     Two,
     None,
+    /// jwt_processor with the test RSA key, or with these bytes as its key.
+    Jwt {
+        key: Option<Vec<u8>>,
+        email: String,
+        sub: String,
+        scopes: String,
+        token_url: String,
+    },
+    /// client_credentials_processor; its secret is the marked token.
+    ClientCredentials {
+        id: String,
+        token_url: String,
+        scopes: String,
+    },
+    /// github_app_processor with the test RSA key, or these bytes.
+    GitHubApp {
+        key: Option<Vec<u8>>,
+        app_id: String,
+        installation_id: String,
+        token_url: Option<String>,
+    },
+    /// A minting processor inside multi_processor: always refused.
+    MultiMint,
 }
+
+/// A test-only RSA key (the seal tests' fixture), so the minting
+/// processors get as far as signing.
+const TEST_RSA_PEM: &str =
+    include_str!("../../../proxypilot-userspace/tests/fixtures/tokenizer/github-app-test-key.pem");
 
 #[derive(Arbitrary, Debug)]
 enum Auth {
@@ -311,6 +342,53 @@ fn build_json(f: &FuzzSecret) -> serde_json::Value {
             obj.insert("oauth2_processor".into(), json!({ "token": oauth(&None) }));
         }
         Proc::None => {}
+        Proc::Jwt {
+            key,
+            email,
+            sub,
+            scopes,
+            token_url,
+        } => {
+            let key = key.as_deref().unwrap_or(TEST_RSA_PEM.as_bytes());
+            obj.insert(
+                "jwt_processor".into(),
+                json!({ "private_key": b64(key), "email": scrub(email), "sub": scrub(sub),
+                        "scopes": scrub(scopes), "token_url": scrub(token_url) }),
+            );
+        }
+        Proc::ClientCredentials {
+            id,
+            token_url,
+            scopes,
+        } => {
+            obj.insert(
+                "client_credentials_processor".into(),
+                json!({ "client_id": scrub(id), "client_secret": token,
+                        "token_url": scrub(token_url), "scopes": scrub(scopes) }),
+            );
+        }
+        Proc::GitHubApp {
+            key,
+            app_id,
+            installation_id,
+            token_url,
+        } => {
+            let key = key.as_deref().unwrap_or(TEST_RSA_PEM.as_bytes());
+            let mut p = json!({ "private_key": b64(key), "app_id": scrub(app_id),
+                                "installation_id": scrub(installation_id) });
+            if let Some(u) = token_url {
+                p["token_url"] = json!(scrub(u));
+            }
+            obj.insert("github_app_processor".into(), p);
+        }
+        Proc::MultiMint => {
+            obj.insert(
+                "multi_processor".into(),
+                json!([{ "inject_processor": inject() },
+                       { "client_credentials_processor": { "client_id": "c",
+                           "client_secret": token, "token_url": "u" } }]),
+            );
+        }
     }
     let digest = |t: &str| {
         use sha2::Digest as _;
@@ -367,6 +445,7 @@ fn structured_mode(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
     };
     let mut headers = HeaderMap::new();
     let mut shapes: Vec<String> = Vec::new();
+    let mut multi_mint_sent = false;
     if let Some(h) = &st.host {
         if let Ok(v) = HeaderValue::from_str(h) {
             headers.insert(http::header::HOST, v);
@@ -413,6 +492,7 @@ fn structured_mode(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
         };
         if let Ok(v) = HeaderValue::from_str(&value) {
             headers.append("proxy-tokenizer", v);
+            multi_mint_sent |= matches!(f.proc_, Proc::MultiMint);
             // What the engine logs of it (its shape), checked once applied.
             shapes.push(secret.strip_hazmat_string());
         }
@@ -431,6 +511,26 @@ fn structured_mode(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
         }
     }
     let n_values = headers.get_all("proxy-tokenizer").iter().count();
+    let minting = st
+        .secrets
+        .iter()
+        .filter(|f| {
+            matches!(
+                f.proc_,
+                Proc::Jwt { .. } | Proc::ClientCredentials { .. } | Proc::GitHubApp { .. }
+            )
+        })
+        .count();
+    let key_b64 = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(TEST_RSA_PEM)
+    };
+    for shape in &shapes {
+        assert!(
+            !shape.contains(&key_b64[40..80]),
+            "a private key leaked into a log shape: {shape}"
+        );
+    }
     match engine.apply_to(&method, &mut uri, &mut headers) {
         Ok(applied) => {
             for key in &sigv4_keys {
@@ -443,6 +543,18 @@ fn structured_mode(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
             }
             let _: Uri = uri.to_string().parse().expect("the re-signed URI parses");
             assert_eq!(applied.secrets, n_values);
+            assert!(
+                !multi_mint_sent,
+                "a minting processor inside multi_processor was applied"
+            );
+            assert!(applied.mint.is_none() || minting > 0);
+            if applied.mint.is_some() {
+                assert_eq!(
+                    headers.get("accept-encoding").map(|v| v.as_bytes()),
+                    Some(&b"identity"[..]),
+                    "a token answer must come uncompressed to be sealed"
+                );
+            }
             assert!(
                 headers.get("proxy-tokenizer").is_none(),
                 "Proxy-Tokenizer left in"
@@ -459,10 +571,17 @@ fn structured_mode(u: &mut Unstructured<'_>) -> arbitrary::Result<()> {
             }
             let buffers = applied.body.buffers();
             let body = chunked(&st.body, &st.cuts);
+            let sets_body = applied.mint.is_some() && n_values == 1;
             match block_on(applied.body.apply(&mut headers, body)) {
                 Ok(b) => {
                     let out = block_on(collect(b));
-                    let _ = out;
+                    if let (true, Ok(out)) = (sets_body, &out) {
+                        assert_eq!(
+                            headers.get("content-length").and_then(|v| v.to_str().ok()),
+                            Some(out.len().to_string().as_str()),
+                            "a minting request's body and Content-Length differ"
+                        );
+                    }
                 }
                 Err(e) => assert!(buffers, "only HMAC steps may fail on the body: {e}"),
             }
