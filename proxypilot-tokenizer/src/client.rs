@@ -20,7 +20,9 @@ use tokio::net::TcpStream;
 
 use super::body::{BoxError, ProxyBody};
 use super::error::TokenizerError;
-use super::upstream_pool::{PoolConfig, UpstreamBody, UpstreamPool};
+pub mod pool;
+
+use pool::{PoolConfig, UpstreamBody, UpstreamPool};
 
 /// HTTP/2 flow-control windows of the upstream connection (see `new`).
 pub const STREAM_WINDOW: u32 = 256 * 1024;

@@ -19,9 +19,10 @@ use super::error::TokenizerError;
 use super::flysrc::{FlySrcVerifier, FLY_SRC, FLY_SRC_SIGNATURE};
 use super::header::{self, PROXY_AUTHORIZATION, PROXY_TOKENIZER};
 use super::keys::{OpenKey, SealKey};
-use super::mint::{self, ResponseSealer};
+use super::mint;
 use super::processor::{self, Action};
 use super::redact::{ask_for_identity, EchoNeedles, InjectedTokens};
+use super::sealed_answer::ResponseSealer;
 use super::secret::{compile_host_pattern, AuthRef, BearerAuth, FlySrcAuth, Secret};
 
 /// Compiled host patterns kept; beyond this the cache starts over.

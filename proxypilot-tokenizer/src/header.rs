@@ -47,6 +47,19 @@ pub fn format(b64_secret: &str, params: &Params) -> String {
     }
 }
 
+/// A header value carrying an injected credential: checked, and marked
+/// sensitive so HPACK never indexes it.
+pub(crate) fn header_value(v: &str) -> Result<http::HeaderValue, TokenizerError> {
+    let mut hv = http::HeaderValue::from_str(v).map_err(|_| {
+        TokenizerError::Processor(
+            "the injected value is not a valid HTTP header value (control characters in the token?)"
+                .to_string(),
+        )
+    })?;
+    hv.set_sensitive(true);
+    Ok(hv)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,9 +15,7 @@
 //!
 //! Deliberate differences from Go are in README's differences table.
 
-pub mod config;
 pub mod jwt;
-mod response;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -25,12 +23,10 @@ use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue};
 use zeroize::Zeroizing;
 
-pub use config::{ClientCredentialsProcessor, GitHubAppProcessor, JwtProcessor};
-pub use response::{ResponseSealer, SealedTokenResponse, MAX_TOKEN_RESPONSE};
+pub use crate::secret::{ClientCredentialsProcessor, GitHubAppProcessor, JwtProcessor};
 
 use crate::error::TokenizerError;
-use crate::header::Params;
-use crate::processor::header_value;
+use crate::header::{header_value, Params};
 use crate::secret::ProcessorRef;
 use jwt::SigningKey;
 

@@ -15,7 +15,7 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use super::error::TokenizerError;
-use super::header::Params;
+use super::header::{header_value, Params};
 use super::secret::{FmtDst, OAuthToken, ProcessorRef};
 
 pub const PARAM_DST: &str = "dst";
@@ -149,14 +149,6 @@ pub(crate) fn resolve_dst(params: &Params, cfg: &FmtDst) -> Result<HeaderName, T
         }
     }
     HeaderName::from_bytes(dst.as_bytes()).map_err(|_| bad("bad dst: not a valid HTTP header name"))
-}
-
-pub(crate) fn header_value(v: &str) -> Result<HeaderValue, TokenizerError> {
-    let mut hv = HeaderValue::from_str(v).map_err(|_| {
-        bad("the injected value is not a valid HTTP header value (control characters in the token?)")
-    })?;
-    hv.set_sensitive(true);
-    Ok(hv)
 }
 
 /// HMAC-SHA256 of `msg` rendered with `fmt`.

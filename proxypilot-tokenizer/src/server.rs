@@ -55,7 +55,7 @@ pub struct TokenizerService {
 pub async fn serve_connection(cfg: Arc<TokenizerService>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     // Each client connection gets its share of the upstream's streams.
-    let client = crate::upstream_pool::ClientConn::next();
+    let client = crate::client::pool::ClientConn::next();
     let svc = service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(client);
         let cfg = cfg.clone();

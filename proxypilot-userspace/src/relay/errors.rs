@@ -83,7 +83,7 @@ pub enum RelayError {
         host: String,
         secret: String,
         #[source]
-        source: Box<super::minted::MintError>,
+        source: Box<MintError>,
     },
 }
 
@@ -199,6 +199,46 @@ pub(crate) fn json_response(status: StatusCode, body: &serde_json::Value) -> Res
     resp.headers_mut()
         .insert("x-proxypilot-error", HeaderValue::from_static("1"));
     resp
+}
+
+/// Why no short-lived token could be had; each names the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    #[error("the minting secret's token_url {url:?} is not an https:// URL")]
+    TokenUrl { url: String },
+    #[error("minting a token: sending the token request to {url} through the tokenizer failed")]
+    Send {
+        url: String,
+        #[source]
+        source: ForwardError,
+    },
+    #[error("minting a token: the token endpoint {url} answered {status}{detail}")]
+    Refused {
+        url: String,
+        status: StatusCode,
+        /// The endpoint's `error`/`message` field, when it gave one.
+        detail: String,
+    },
+    #[error("minting a token: the answer from {url} is not a sealed token ({why})")]
+    BadAnswer { url: String, why: &'static str },
+}
+
+impl MintError {
+    /// What the sandbox's 502 says to do.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            MintError::TokenUrl { .. } => "reseal the secret with an https:// --token-url",
+            MintError::Send { .. } => {
+                "the token request did not get through the tokenizer: check that it runs, that the sealed secret opens there, and its route to the token endpoint"
+            }
+            MintError::Refused { .. } => {
+                "the token endpoint refused the token request: check the sealed credential (app id, installation, key, client secret, scopes) and the endpoint's own message"
+            }
+            MintError::BadAnswer { .. } => {
+                "the tokenizer did not seal the token endpoint's answer: use a tokenizer that implements the minting processors (proxypilot's, or superfly/tokenizer since 2025)"
+            }
+        }
+    }
 }
 
 #[cfg(test)]

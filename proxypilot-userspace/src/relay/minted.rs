@@ -17,9 +17,9 @@ use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Request, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 
-use super::errors::ForwardError;
 use super::{BoxError, Forwarder};
-use crate::tokenizer::mint::{MintKind, SealedTokenResponse};
+use crate::tokenizer::mint::MintKind;
+use crate::tokenizer::sealed_answer::SealedTokenResponse;
 use crate::tokenizer::Secret;
 
 /// The largest answer to a token request read (a sealed token is ~500
@@ -82,45 +82,7 @@ impl MintSpec {
     }
 }
 
-/// Why no short-lived token could be had; each names the step that failed.
-#[derive(Debug, thiserror::Error)]
-pub enum MintError {
-    #[error("the minting secret's token_url {url:?} is not an https:// URL")]
-    TokenUrl { url: String },
-    #[error("minting a token: sending the token request to {url} through the tokenizer failed")]
-    Send {
-        url: String,
-        #[source]
-        source: ForwardError,
-    },
-    #[error("minting a token: the token endpoint {url} answered {status}{detail}")]
-    Refused {
-        url: String,
-        status: StatusCode,
-        /// The endpoint's `error`/`message` field, when it gave one.
-        detail: String,
-    },
-    #[error("minting a token: the answer from {url} is not a sealed token ({why})")]
-    BadAnswer { url: String, why: &'static str },
-}
-
-impl MintError {
-    /// What the sandbox's 502 says to do.
-    pub fn hint(&self) -> &'static str {
-        match self {
-            MintError::TokenUrl { .. } => "reseal the secret with an https:// --token-url",
-            MintError::Send { .. } => {
-                "the token request did not get through the tokenizer: check that it runs, that the sealed secret opens there, and its route to the token endpoint"
-            }
-            MintError::Refused { .. } => {
-                "the token endpoint refused the token request: check the sealed credential (app id, installation, key, client secret, scopes) and the endpoint's own message"
-            }
-            MintError::BadAnswer { .. } => {
-                "the tokenizer did not seal the token endpoint's answer: use a tokenizer that implements the minting processors (proxypilot's, or superfly/tokenizer since 2025)"
-            }
-        }
-    }
-}
+pub use super::errors::MintError;
 
 struct Cached {
     sealed: HeaderValue,
@@ -336,7 +298,7 @@ pub(crate) async fn use_token(
 /// open is left to fail at its first request, as before).
 pub fn detect(
     open_key: &crate::tokenizer::OpenKey,
-    targets: &[crate::settings::Target],
+    targets: &[super::Target],
 ) -> Result<Vec<(String, MintSpec)>, MintError> {
     let mut out = Vec::new();
     for t in targets {

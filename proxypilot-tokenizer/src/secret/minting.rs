@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::secret::{null_default, SecretBytes, SecretString};
+use crate::sensitive::{null_default, SecretBytes, SecretString};
 
 /// `jwt_processor`: sign a JWT with `private_key` (RS256, ES256/384 or
 /// EdDSA by key type) and send the RFC 7523 jwt-bearer form body to the

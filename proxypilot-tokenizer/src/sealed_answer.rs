@@ -9,11 +9,11 @@ use http_body_util::{BodyExt, Full};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use super::config::GITHUB_API_HOST;
-use super::MintKind;
 use crate::body::ProxyBody;
 use crate::error::TokenizerError;
 use crate::keys::SealKey;
+use crate::mint::MintKind;
+use crate::secret::minting::GITHUB_API_HOST;
 use crate::secret::{FmtDst, InjectProcessor, Secret, SecretString};
 
 /// Token answers larger than this are refused (Go reads any size; real
