@@ -7,6 +7,7 @@
 mod audit_line;
 mod docs;
 mod fuzz_regressions;
+mod layout;
 mod relay_e2e;
 mod relay_minted;
 mod tokenizer_compat;
