@@ -281,6 +281,21 @@ pub fn build_secret(
     Ok(s)
 }
 
+/// `proxypilot seal ARGS` parsed as the command line would be (the seal
+/// modules' tests).
+#[cfg(test)]
+pub(crate) fn parse_args(args: &[&str]) -> Result<SealArgs, clap::Error> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: SealArgs,
+    }
+    let mut v = vec!["seal"];
+    v.extend_from_slice(args);
+    T::try_parse_from(v).map(|t| t.a)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

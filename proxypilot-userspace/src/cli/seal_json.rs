@@ -55,21 +55,9 @@ fn read(path: &Path) -> anyhow::Result<Secret> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::seal::{run_with, SealArgs};
+    use super::super::seal::parse_args as parse;
+    use super::super::seal::run_with;
     use crate::tokenizer::{open, OpenKey};
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct T {
-        #[command(flatten)]
-        a: SealArgs,
-    }
-
-    fn parse(args: &[&str]) -> Result<SealArgs, clap::Error> {
-        let mut v = vec!["seal"];
-        v.extend_from_slice(args);
-        T::try_parse_from(v).map(|t| t.a)
-    }
 
     fn no_env(_: &str) -> Option<String> {
         None

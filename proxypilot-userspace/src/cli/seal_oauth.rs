@@ -92,19 +92,12 @@ impl OAuthSealArgs {
 
 #[cfg(test)]
 mod tests {
-    use super::super::seal::{build_secret, SealArgs};
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct T {
-        #[command(flatten)]
-        a: SealArgs,
-    }
+    use super::super::seal::{build_secret, parse_args, SealArgs};
 
     fn parse(args: &[&str]) -> Result<SealArgs, clap::Error> {
-        let mut v = vec!["seal", "--dry-run", "--host", "h", "--no-auth"];
+        let mut v = vec!["--dry-run", "--host", "h", "--no-auth"];
         v.extend_from_slice(args);
-        T::try_parse_from(v).map(|t| t.a)
+        parse_args(&v)
     }
 
     fn env(k: &str) -> Option<String> {
