@@ -830,6 +830,61 @@ fn slow_readers_do_not_stall_other_clients_of_the_same_api() {
     );
 }
 
+/// A TLS stall (ClientHellos begun and never finished) costs only until
+/// `--handshake-timeout` (issue 21), and a well-behaved client beside the
+/// stalled connections is served throughout.
+#[test]
+fn tls_handshakes_left_unfinished_are_cut_at_the_handshake_timeout_and_cost_others_nothing() {
+    require_root!();
+    let net = FakeInternet::start();
+    let fly = FlyShape::start(
+        &net,
+        "tlsstall",
+        Tokenizer::Embedded,
+        &["--handshake-timeout", "2s"],
+    );
+    let probe = support_dir().join("h2_probe.py");
+    let script = format!(
+        "python3 {probe} tls-stall {ANTHROPIC} 50 & pid=$!; \
+         sleep 0.5; \
+         for i in $(seq 10); do \
+           curl -sS -o /dev/null -w '%{{http_code}} ' --max-time 5 -H '{DUMMY}' '{URL}' \
+             && echo done || echo failed; \
+           sleep 0.2; \
+         done; \
+         wait $pid",
+        probe = probe.display()
+    );
+    let out = in_sandbox(&net, &fly, "sh", &["-c", &script]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let served = stdout.lines().filter(|l| l.trim() == "200 done").count();
+    assert!(
+        served >= 9,
+        "the victim got {served} of 10 beside 50 stalled handshakes:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no probe report: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert_eq!(
+        report["closed"],
+        Value::from(50),
+        "every stalled handshake is closed: {report}"
+    );
+    let last = report["last_closed_after"].as_f64().unwrap_or(f64::MAX);
+    assert!(
+        last < 10.0,
+        "the stalled handshakes lived past the 2 s deadline: {report}"
+    );
+}
+
 /// HTTP/2 slowloris and PING-only connections are closed (issue 21: the
 /// idle clock reset on any byte, the relay's own keep-alive PINGs
 /// included, and `--header-read-timeout` held only for HTTP/1.1). A

@@ -12,6 +12,12 @@ tests (issue 21). Prints one JSON line.
                                nothing more; reports the first status and
                                when the server closed the connection
 
+    h2_probe.py tls-stall HOST N  opens N connections to HOST:443, sends
+                               the first bytes of a ClientHello on each
+                               and nothing more (a TLS stall); reports how
+                               many the server closed and when the last
+                               of them closed
+
 The CA comes from SSL_CERT_FILE. Each mode gives up after 20 s
 ("closed_after": null: the server kept the connection open).
 """
@@ -150,7 +156,34 @@ def pings(host):
     return {"status": status, "ended": ended, "closed_after": round(time.time() - start, 2)}
 
 
+def tls_stall(host, n):
+    # A TLS handshake record header and the start of a ClientHello that
+    # announces far more than is ever sent.
+    begun = bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xFC, 0x03, 0x03])
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection((host, 443), timeout=5)
+        s.sendall(begun)
+        s.settimeout(0.05)
+        socks.append(s)
+    start = time.time()
+    open_ = set(range(n))
+    last = None
+    while open_ and time.time() - start < LIMIT:
+        for i in list(open_):
+            done, _ = closed(socks[i])
+            if done:
+                open_.discard(i)
+                last = round(time.time() - start, 2)
+    for s in socks:
+        s.close()
+    return {"stalled": n, "closed": n - len(open_), "last_closed_after": last}
+
+
 if __name__ == "__main__":
     mode, host = sys.argv[1], sys.argv[2]
+    if mode == "tls-stall":
+        print(json.dumps(tls_stall(host, int(sys.argv[3]))), flush=True)
+        sys.exit(0)
     modes = {"trickle": trickle, "pings": pings, "open-block": open_block}
     print(json.dumps(modes[mode](host)))
