@@ -19,7 +19,7 @@ const INSTALLATION: &str = "99";
 /// A test-only RSA key (PKCS#1), the seal tests' fixture.
 const KEY: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../proxypilot-userspace/tests/fixtures/tokenizer/github-app-test-key.pem"
+    "/fixtures/github-app-test-key.pem"
 );
 
 fn gh_api_user(net: &FakeInternet, fly: &FlyShape) -> Output {

@@ -27,7 +27,7 @@ const GITHUB: &str = "api.github.com";
 const SECRET_NAME: &str = "GH_APP_SEALED";
 const RSA_KEY: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../proxypilot-userspace/tests/fixtures/tokenizer/github-app-test-key.pem"
+    "/fixtures/github-app-test-key.pem"
 );
 
 struct Redirected;

@@ -223,7 +223,7 @@ mod tests {
     /// A test-only RSA key (PKCS#1), as GitHub hands out app keys.
     const RSA_KEY: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/tokenizer/github-app-test-key.pem"
+        "/../tests/fixtures/github-app-test-key.pem"
     );
 
     #[derive(Parser)]

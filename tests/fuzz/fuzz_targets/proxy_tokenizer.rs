@@ -209,7 +209,7 @@ enum Proc {
 /// A test-only RSA key (the seal tests' fixture), so the minting
 /// processors get as far as signing.
 const TEST_RSA_PEM: &str =
-    include_str!("../../../proxypilot-userspace/tests/fixtures/tokenizer/github-app-test-key.pem");
+    include_str!("../../fixtures/github-app-test-key.pem");
 
 #[derive(Arbitrary, Debug)]
 enum Auth {
