@@ -118,3 +118,61 @@ fn a_macaroon_secret_opens_from_gos_json_and_its_key_never_shows() {
     );
     assert!(!format!("{s:?}").contains("secret-key"));
 }
+
+/// The standalone tokenizer on loopback: a token with a RequestMethod
+/// GET,HEAD caveat gets the key injected into a GET, and a POST a 407
+/// whose body says why, never reaching the upstream. Neither the token nor
+/// any Proxy-* header goes upstream.
+#[tokio::test]
+async fn the_tokenizer_server_applies_a_macaroon_secret_per_its_caveats() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use proxypilot_tests::loopback::{new_engine, start_tokenizer, LoopbackUpstream, ProxyConn};
+
+    let f = fixture();
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(text(&f, "key"))
+        .unwrap();
+    let token = f["vectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "method_allowed")
+        .map(|v| v["proxy_authorization"][0].as_str().unwrap().to_string())
+        .unwrap();
+    let up = LoopbackUpstream::start(&["api.example.com"]).await;
+    let tk = start_tokenizer(new_engine(), up.client_config(false), false).await;
+    let mut secret = macaroon_secret(&key);
+    secret.allowed_hosts = Some(vec!["api.example.com".into()]);
+    let sealed = seal(tk.engine.seal_key(), &secret);
+    let mut c = ProxyConn::connect(tk.addr).await;
+    let req = |method: &str| {
+        http::Request::builder()
+            .method(method)
+            .uri("http://api.example.com/v1/things")
+            .header("host", "api.example.com")
+            .header("proxy-tokenizer", sealed.as_str())
+            .header("proxy-authorization", token.as_str())
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let (status, _, body) = c.send(req("GET")).await;
+    assert_eq!(status, 200, "{body}");
+    let seen = up.last();
+    assert_eq!(seen.headers["authorization"], "Bearer real-key");
+    for name in seen.headers.keys() {
+        assert!(!name.as_str().starts_with("proxy-"), "upstream got {name}");
+    }
+    assert_eq!(up.count(), 1);
+
+    let mut c = ProxyConn::connect(tk.addr).await;
+    let (status, _, body) = c.send(req("POST")).await;
+    assert_eq!(status, 407, "{body}");
+    assert!(body.contains("macaroon_auth"), "{body}");
+    assert!(!body.contains(&token[6..]), "the token is not echoed");
+    assert_eq!(
+        up.count(),
+        1,
+        "a refused request never reaches the upstream"
+    );
+}
