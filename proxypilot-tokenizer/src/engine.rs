@@ -138,7 +138,7 @@ impl Engine {
                     "reseal it with inject_processor, inject_hmac_processor, inject_body_processor, oauth2_processor, sigv4_processor or multi_processor",
                 ));
             }
-            self.authenticate(&secret, headers)?;
+            self.authenticate(&secret, (method, uri, &host), headers)?;
             self.validate(&secret, &host)?;
             let procs = secret
                 .processors()
@@ -238,21 +238,31 @@ impl Engine {
         Ok(opened)
     }
 
-    fn authenticate(&self, secret: &Secret, headers: &HeaderMap) -> Result<(), TokenizerError> {
+    fn authenticate(
+        &self,
+        secret: &Secret,
+        (method, uri, host): (&Method, &Uri, &str),
+        headers: &HeaderMap,
+    ) -> Result<(), TokenizerError> {
         match secret.auth() {
             Some(AuthRef::NoAuth) => Ok(()),
             Some(AuthRef::Bearer(b)) => bearer_auth(b, headers),
             Some(AuthRef::FlySrc(f)) => self.fly_src_auth(f, headers),
-            Some(AuthRef::Macaroon(kind)) => Err(TokenizerError::NotAuthorized(format!(
-                "{kind} is not supported by proxypilot's tokenizer ({}); reseal the secret with \
-                 bearer_auth (a token sent in Proxy-Authorization, the closest equivalent), \
-                 fly_src_auth or no_auth, or send it to Fly's tokenizer",
-                if kind == "flyio_macaroon_auth" {
-                    "verifying a Fly.io macaroon needs Fly's API"
-                } else {
-                    "superfly/macaroon tokens are not implemented"
-                }
-            ))),
+            Some(AuthRef::Macaroon(m)) => {
+                let access = crate::macaroon::Access {
+                    method: method.as_str(),
+                    host,
+                    path: uri.path(),
+                    now: SystemTime::now(),
+                };
+                crate::macaroon::authenticate(m, &proxy_authorization_tokens(headers), &access)
+            }
+            Some(AuthRef::FlyioMacaroon) => Err(TokenizerError::NotAuthorized(
+                "flyio_macaroon_auth is not supported by proxypilot's tokenizer (verifying a \
+                 Fly.io macaroon needs Fly's API); reseal the secret with macaroon_auth, \
+                 bearer_auth, fly_src_auth or no_auth, or send it to Fly's tokenizer"
+                    .into(),
+            )),
             None => Err(TokenizerError::BadSecret("bad auth config".into())),
         }
     }

@@ -26,6 +26,7 @@ pub mod flysrc;
 pub mod header;
 pub mod hop;
 pub mod keys;
+pub mod macaroon;
 pub mod mint;
 pub mod processor;
 mod query;

@@ -165,9 +165,9 @@ pub struct Secret {
 
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bearer_auth: Option<BearerAuth>,
-    /// Parsed only to be refused (macaroons are not implemented).
+    /// A superfly/macaroon token signed by this key (see `macaroon`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub macaroon_auth: Option<serde_json::Value>,
+    pub macaroon_auth: Option<crate::macaroon::MacaroonAuth>,
     /// Parsed only to be refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flyio_macaroon_auth: Option<serde_json::Value>,
@@ -206,8 +206,9 @@ pub enum AuthRef<'a> {
     Bearer(&'a BearerAuth),
     FlySrc(&'a FlySrcAuth),
     NoAuth,
-    /// `macaroon_auth` / `flyio_macaroon_auth`: parsed, always refused.
-    Macaroon(&'static str),
+    Macaroon(&'a crate::macaroon::MacaroonAuth),
+    /// `flyio_macaroon_auth`: parsed, always refused (it needs Fly's API).
+    FlyioMacaroon,
 }
 
 const PROCESSOR_KEYS: &[&str] = &[
@@ -364,12 +365,10 @@ impl Secret {
             self.bearer_auth.as_ref().map(AuthRef::Bearer),
             self.fly_src_auth.as_ref().map(AuthRef::FlySrc),
             self.no_auth.as_ref().map(|_| AuthRef::NoAuth),
-            self.macaroon_auth
-                .as_ref()
-                .map(|_| AuthRef::Macaroon("macaroon_auth")),
+            self.macaroon_auth.as_ref().map(AuthRef::Macaroon),
             self.flyio_macaroon_auth
                 .as_ref()
-                .map(|_| AuthRef::Macaroon("flyio_macaroon_auth")),
+                .map(|_| AuthRef::FlyioMacaroon),
         ];
         let mut it = all.into_iter().flatten();
         let first = it.next();
@@ -492,7 +491,12 @@ impl Secret {
             bearer_auth: self.bearer_auth.as_ref().map(|_| BearerAuth {
                 digest: SecretBytes::redacted(),
             }),
-            macaroon_auth: self.macaroon_auth.as_ref().map(|_| REDACTED.into()),
+            macaroon_auth: self
+                .macaroon_auth
+                .as_ref()
+                .map(|_| crate::macaroon::MacaroonAuth {
+                    key: SecretBytes::redacted(),
+                }),
             flyio_macaroon_auth: self.flyio_macaroon_auth.as_ref().map(|_| REDACTED.into()),
             fly_src_auth: self.fly_src_auth.clone(),
             no_auth: self.no_auth.clone(),

@@ -303,6 +303,9 @@ struct FileConfig {
     allow_cidr: Option<Vec<String>>,
     /// `allow-unix = ["/run/agent.sock"]`, as the flag (added to it).
     allow_unix: Option<Vec<String>>,
+    /// `mint = ["HOST=TOKEN_URL"]` or `mint = { "HOST" = "TOKEN_URL" }`,
+    /// as `--mint` (a flag wins for its host).
+    mint: Option<MintList>,
     tokenizer: Option<String>,
     tokenizer_ca: Option<Vec<PathBuf>>,
     tokenizer_auth_env: Option<String>,
@@ -337,6 +340,14 @@ struct FileConfig {
 enum TargetList {
     List(Vec<String>),
     Map(BTreeMap<String, TargetEntry>),
+}
+
+/// `mint = ["HOST=TOKEN_URL"]`, or a `[mint]` table of HOST = TOKEN_URL.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum MintList {
+    List(Vec<String>),
+    Map(BTreeMap<String, String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -486,21 +497,12 @@ impl RelayArgs {
         }
 
         add_permits(&mut targets, &permit_specs, &mut errors);
-        let mut mint = Vec::new();
-        for spec in &self.mint {
-            match spec.split_once('=') {
-                Some((h, url)) if targets.contains_key(h) => {
-                    match crate::relay::minted::MintSpec::from_url(url) {
-                        Ok(s) => mint.push((h.to_string(), s)),
-                        Err(e) => errors.push(format!("--mint {spec:?}: {e}")),
-                    }
-                }
-                Some((h, _)) => errors.push(format!(
-                    "--mint {spec:?}: {h} is not a --target; give it one with its sealed secret"
-                )),
-                None => errors.push(format!("--mint {spec:?}: expected HOST=TOKEN_URL")),
-            }
-        }
+        let mint = mint_specs(
+            file.mint.take(),
+            &self.mint,
+            &|host| targets.contains_key(host),
+            &mut errors,
+        );
         let limits = self
             .limits
             .resolve(&file, &|host| targets.contains_key(host), &mut errors);
@@ -906,6 +908,65 @@ fn rate_limits(
     out
 }
 
+/// The minting targets, from the file's `mint` and the `--mint
+/// HOST=TOKEN_URL` flags (a flag overrides the file for its host). Every
+/// HOST must be a target, every TOKEN_URL an https:// URL.
+fn mint_specs(
+    file: Option<MintList>,
+    flags: &[String],
+    is_target: &dyn Fn(&str) -> bool,
+    errors: &mut Vec<String>,
+) -> Vec<(String, crate::relay::minted::MintSpec)> {
+    let file: Vec<(String, String)> = match file {
+        None => Vec::new(),
+        Some(MintList::List(l)) => l
+            .into_iter()
+            .map(|spec| (format!("mint {spec:?} in the config file"), spec))
+            .collect(),
+        Some(MintList::Map(m)) => m
+            .into_iter()
+            .map(|(h, url)| {
+                (
+                    format!("mint {h:?} in the config file"),
+                    format!("{h}={url}"),
+                )
+            })
+            .collect(),
+    };
+    let flags = flags
+        .iter()
+        .map(|spec| (format!("--mint {spec:?}"), spec.clone()));
+    let mut out: BTreeMap<String, crate::relay::minted::MintSpec> = BTreeMap::new();
+    for (from, spec) in file.into_iter().chain(flags) {
+        let Some((h, url)) = spec.split_once('=') else {
+            errors.push(format!(
+                "{from}: expected HOST=TOKEN_URL, e.g. api.github.com=https://api.github.com/app/installations/ID/access_tokens"
+            ));
+            continue;
+        };
+        let host = match normalize_host(h) {
+            Ok(host) => host,
+            Err(e) => {
+                errors.push(format!("{from}: {e}"));
+                continue;
+            }
+        };
+        if !is_target(&host) {
+            errors.push(format!(
+                "{from}: {host} is not a --target; give it one with its sealed secret"
+            ));
+            continue;
+        }
+        match crate::relay::minted::MintSpec::from_url(url.trim()) {
+            Ok(s) => {
+                out.insert(host, s);
+            }
+            Err(e) => errors.push(format!("{from}: {e}")),
+        }
+    }
+    out.into_iter().collect()
+}
+
 fn read_config(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading --config {}", path.display()))?;
@@ -1102,6 +1163,64 @@ mod tests {
         assert!(e.contains("other.example.com is not a --target"), "{e}");
         assert!(e.contains("is not an https:// URL"), "{e}");
         assert!(e.contains("expected HOST=TOKEN_URL"), "{e}");
+    }
+
+    #[test]
+    fn mint_in_the_config_file_is_checked_like_the_flag_which_wins() {
+        let env = env_of(&[("GH", "sealed-gh"), ("AUTH", "sealed-auth")]);
+        let dir = std::env::temp_dir().join(format!("pp-mint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        let args = |flags: &[&str]| RelayArgs {
+            config: Some(file.clone()),
+            mint: flags.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        std::fs::write(
+            &file,
+            "mint = [\"API.github.com=https://api.github.com/app/installations/1/access_tokens\"]\n\
+             [target]\n\"api.github.com\" = \"GH\"\n\"auth.example.com\" = \"AUTH\"\n",
+        )
+        .unwrap();
+        let s = args(&[]).resolve_with(&env).unwrap();
+        assert_eq!(s.mint.len(), 1);
+        assert_eq!(s.mint[0].0, "api.github.com");
+        assert_eq!(
+            s.mint[0].1.token_uri,
+            "http://api.github.com/app/installations/1/access_tokens"
+        );
+        // A flag overrides the file for its host.
+        let s = args(&["api.github.com=https://api.github.com/app/installations/2/access_tokens"])
+            .resolve_with(&env)
+            .unwrap();
+        assert_eq!(
+            s.mint[0].1.token_uri,
+            "http://api.github.com/app/installations/2/access_tokens"
+        );
+        // The table form, and every error named with where it came from.
+        std::fs::write(
+            &file,
+            "[target]\n\"api.github.com\" = \"GH\"\n\"auth.example.com\" = \"AUTH\"\n\
+             [mint]\n\"auth.example.com\" = \"https://auth.example.com/token\"\n\
+             \"other.example.com\" = \"https://o/token\"\n\"api.github.com\" = \"http://plain/token\"\n",
+        )
+        .unwrap();
+        let e = args(&[]).resolve_with(&env).unwrap_err().to_string();
+        assert!(
+            e.contains("mint \"other.example.com\" in the config file: other.example.com is not a --target"),
+            "{e}"
+        );
+        assert!(
+            e.contains("mint \"api.github.com\" in the config file: the minting secret's token_url \"http://plain/token\" is not an https:// URL"),
+            "{e}"
+        );
+        std::fs::write(&file, "mint = [\"nothing\"]\n").unwrap();
+        let e = args(&[]).resolve_with(&env).unwrap_err().to_string();
+        assert!(
+            e.contains("mint \"nothing\" in the config file: expected HOST=TOKEN_URL"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

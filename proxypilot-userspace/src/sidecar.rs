@@ -271,7 +271,11 @@ impl Sidecar {
         let relay = settings
             .build_relay(ca, kernel.allowed_nets())?
             .resolving_through(self.upstreams.clone());
-        let relay = Arc::new(relay.inheriting(&old));
+        let mut relay = relay.inheriting(&old);
+        if in_force.tokenizer == settings.tokenizer {
+            relay = relay.keeping_minted_tokens(&old);
+        }
+        let relay = Arc::new(relay);
         self.attachment
             .set_policy(&policy)
             .context("updating the kernel allowlist")?;

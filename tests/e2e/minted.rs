@@ -124,3 +124,103 @@ fn mints_once_and_again(mode: Tokenizer, extra: &[&str]) {
         Some(format!("token {}", minted[1]).as_str())
     );
 }
+
+/// `mint` in the config file (a remote tokenizer, so nothing else says the
+/// secret mints), and SIGHUP: a reload that changes nothing keeps the
+/// cached token (no second mint); one that changes the sealed secret
+/// mints afresh with it.
+#[test]
+fn mint_from_the_config_file_survives_a_reload_unless_the_secret_changed() {
+    require_root!();
+    if std::process::Command::new("gh")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var_os("CI").is_none(), "gh is not installed");
+        eprintln!("skipping: gh is not installed");
+        return;
+    }
+    let net = FakeInternet::start();
+    let pem = std::fs::read_to_string(KEY).unwrap();
+    net.apis
+        .set_github_app(GitHubApp::from_private_pem(APP_ID, &pem, 3600));
+    let config = net.dir.0.join("mint-reload.toml");
+    let file = |var: &str| {
+        format!(
+            "mint = [\"api.github.com=https://api.github.com/app/installations/{INSTALLATION}/access_tokens\"]\n\
+             [target]\n\"api.github.com\" = \"{var}\"\n"
+        )
+    };
+    std::fs::write(&config, file("GH_SEALED")).unwrap();
+    let fly = FlyShape::start_with_github_app_from_config(
+        &net,
+        "ghapp-reload",
+        Tokenizer::Remote,
+        (APP_ID, INSTALLATION, Path::new(KEY)),
+        &["--config", config.to_str().unwrap()],
+    );
+    assert_login(&gh_api_user(&net, &fly));
+    assert_eq!(net.apis.minted_tokens().len(), 1);
+
+    // A reload that changed nothing: the token minted before is used.
+    hangup(&fly);
+    wait_for_log(&fly, "reloaded the configuration", 1);
+    assert_login(&gh_api_user(&net, &fly));
+    let minted = net.apis.minted_tokens();
+    assert_eq!(
+        minted.len(),
+        1,
+        "no second mint after a reload that changed nothing"
+    );
+    assert_eq!(
+        last_user_authorization(&net),
+        format!("token {}", minted[0])
+    );
+
+    // A reload that changed the sealed secret: a fresh mint, with it.
+    std::fs::write(&config, file("GH_SEALED_ALT")).unwrap();
+    hangup(&fly);
+    wait_for_log(&fly, "reloaded the configuration", 2);
+    assert_login(&gh_api_user(&net, &fly));
+    let minted = net.apis.minted_tokens();
+    assert_eq!(minted.len(), 2, "a second mint after the secret changed");
+    assert_eq!(
+        last_user_authorization(&net),
+        format!("token {}", minted[1])
+    );
+}
+
+fn last_user_authorization(net: &FakeInternet) -> String {
+    net.apis
+        .requests_to(GITHUB)
+        .into_iter()
+        .rev()
+        .find(|r| r.path == "/user")
+        .and_then(|r| r.header("authorization").map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn hangup(fly: &FlyShape) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(fly.sidecar.child.id() as i32),
+        nix::sys::signal::SIGHUP,
+    )
+    .unwrap();
+}
+
+/// Waits until the sidecar's log holds `needle` `n` times.
+fn wait_for_log(fly: &FlyShape, needle: &str, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let log = fly.sidecar_log();
+        if log.matches(needle).count() >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} x{n} in:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

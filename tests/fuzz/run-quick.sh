@@ -20,7 +20,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 secs=${FUZZ_SECONDS:-20}
 sanitizer=${FUZZ_SANITIZER:-address}
-all_targets=(client_hello proxy_tokenizer config relay_request dns_query)
+all_targets=(client_hello proxy_tokenizer config relay_request dns_query macaroon)
 if [ $# -gt 0 ]; then targets=("$@"); else targets=("${all_targets[@]}"); fi
 
 if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then

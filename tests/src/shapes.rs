@@ -120,6 +120,20 @@ impl FlyShape {
         )
     }
 
+    /// As [`FlyShape::start_with_github_app`], with no `--target` flag (a
+    /// config file in `extra` names the targets). Besides `GH_SEALED`, the
+    /// environment holds `GH_SEALED_ALT`: the same github_app secret sealed
+    /// again (other bytes), for a reload that changes the sealed secret.
+    pub fn start_with_github_app_from_config(
+        net: &FakeInternet,
+        name: &str,
+        mode: Tokenizer,
+        app: (&str, &str, &std::path::Path),
+        extra: &[&str],
+    ) -> FlyShape {
+        FlyShape::start_inner(net, name, mode, extra, &[], Some(app))
+    }
+
     fn start_inner(
         net: &FakeInternet,
         name: &str,
@@ -166,6 +180,32 @@ impl FlyShape {
             sealed.push((
                 host,
                 var,
+                String::from_utf8(out.stdout).unwrap().trim().to_string(),
+            ));
+        }
+        if let Some((app_id, installation_id, key_file)) = github_app {
+            let out = run_ok(
+                Command::new(proxypilot_bin())
+                    .args([
+                        "seal",
+                        "--no-auth",
+                        "--host",
+                        GITHUB,
+                        "--seal-key",
+                        &seal_key,
+                    ])
+                    .args([
+                        "--github-app-id",
+                        app_id,
+                        "--installation-id",
+                        installation_id,
+                    ])
+                    .arg("--private-key-file")
+                    .arg(key_file),
+            );
+            sealed.push((
+                "",
+                "GH_SEALED_ALT",
                 String::from_utf8(out.stdout).unwrap().trim().to_string(),
             ));
         }

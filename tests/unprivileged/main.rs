@@ -12,6 +12,7 @@ mod relay_e2e;
 mod relay_minted;
 mod tokenizer_compat;
 mod tokenizer_engine;
+mod tokenizer_macaroon;
 mod tokenizer_mint;
 mod tokenizer_server;
 mod tokenizer_sigv4;

@@ -8,6 +8,7 @@ pub mod keygen;
 pub mod run;
 pub mod seal;
 pub mod seal_json;
+pub mod seal_macaroon;
 pub mod seal_mint;
 pub mod seal_oauth;
 pub mod seal_sigv4;

@@ -24,7 +24,7 @@ use crate::tokenizer::{seal, SealKey, Secret};
 /// Example: printf %s "$KEY" | proxypilot seal --seal-key $SEAL_KEY
 ///   --host api.anthropic.com --header x-api-key --fly-org my-org --fly-app my-app
 #[derive(clap::Args, Debug)]
-#[command(group = clap::ArgGroup::new("auth").required(true).args(["fly_org", "bearer_from_env", "no_auth", "secret_json_file"]))]
+#[command(group = clap::ArgGroup::new("auth").required(true).args(["fly_org", "bearer_from_env", "macaroon_key_file", "no_auth", "secret_json_file"]))]
 #[command(group = clap::ArgGroup::new("hosts").required(true).multiple(true).args(["host", "host_pattern", "secret_json_file"]))]
 pub struct SealArgs {
     /// The tokenizer's seal (public) key, 64 hex digits.
@@ -82,6 +82,11 @@ pub struct SealArgs {
     /// bearer_auth: require `Proxy-Authorization: Bearer <value of VAR>`.
     #[arg(long, value_name = "VAR")]
     pub bearer_from_env: Option<String>,
+
+    /// macaroon_auth: require a superfly/macaroon token signed with the
+    /// key in FILE (hex), sent as `Proxy-Authorization: FlyV1 <token>`.
+    #[arg(long, value_name = "FILE")]
+    pub macaroon_key_file: Option<std::path::PathBuf>,
 
     /// no_auth: anyone who holds the sealed secret may use it.
     #[arg(long)]
@@ -266,10 +271,12 @@ pub fn build_secret(
         s.bearer_auth = Some(BearerAuth {
             digest: SecretBytes::new(Sha256::digest(v.as_bytes()).to_vec()),
         });
+    } else if let Some(f) = &args.macaroon_key_file {
+        s.macaroon_auth = Some(super::seal_macaroon::auth(f)?);
     } else if args.no_auth {
         s.no_auth = Some(NoAuth {});
     } else {
-        bail!("choose the auth: --fly-org/--fly-app, --bearer-from-env VAR or --no-auth");
+        bail!("choose the auth: --fly-org/--fly-app, --bearer-from-env VAR, --macaroon-key-file FILE or --no-auth");
     }
 
     s.allowed_hosts = opt_list(&args.host);
@@ -330,6 +337,28 @@ mod tests {
             s.to_json(),
             r#"{"inject_processor":{"token":"tok"},"no_auth":{},"allowed_hosts":["api.example.com"]}"#
         );
+    }
+
+    #[test]
+    fn macaroon_key_file_seals_macaroon_auth() {
+        let dir = std::env::temp_dir().join(format!("pp-seal-mac-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("macaroon.key");
+        std::fs::write(&f, "01".repeat(32)).unwrap();
+        let path = f.to_str().unwrap();
+        let a = parse(&["--dry-run", "--host", "h", "--macaroon-key-file", path]);
+        let json = build_secret(&a, "T", &env).unwrap().to_json();
+        assert_eq!(
+            json,
+            format!(
+                r#"{{"inject_processor":{{"token":"T"}},"macaroon_auth":{{"key":"{}"}},"allowed_hosts":["h"]}}"#,
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [1u8; 32])
+            )
+        );
+        let mut v = vec!["seal", "--host", "h", "--macaroon-key-file", path];
+        v.push("--no-auth");
+        assert!(T::try_parse_from(v).is_err(), "only one auth");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -126,6 +126,12 @@ impl Minted {
         }
     }
 
+    /// Whether `other` mints from the same sealed secret at the same
+    /// token URL, so that a token `other` minted is one this would mint.
+    fn same_source(&self, other: &Minted) -> bool {
+        self.spec == other.spec && self.parent.as_bytes() == other.parent.as_bytes()
+    }
+
     /// How many tokens have been minted so far.
     pub fn mints(&self) -> u64 {
         self.mints.load(std::sync::atomic::Ordering::Relaxed)
@@ -293,6 +299,24 @@ pub(crate) async fn use_token(
     Ok(t.sealed)
 }
 
+/// After a reload, the minting targets of `new` whose sealed secret and
+/// token URL are those of the relay in force (`old`) take over its state,
+/// cached token included, so an unchanged target does not mint again. A
+/// target whose secret or URL changed keeps its fresh, empty state and
+/// mints anew. The caller checks that the tokenizer is the same: a token
+/// sealed to another tokenizer's key would not open.
+pub(crate) fn carry_over(
+    new: &mut std::collections::BTreeMap<String, std::sync::Arc<Minted>>,
+    old: &std::collections::BTreeMap<String, std::sync::Arc<Minted>>,
+) {
+    for (host, m) in new.iter_mut() {
+        if let Some(prev) = old.get(host).filter(|prev| prev.same_source(m)) {
+            tracing::debug!(%host, "the reload kept the target's minted token");
+            *m = prev.clone();
+        }
+    }
+}
+
 /// The minting targets among `targets`, found by opening their sealed
 /// secrets with the embedded tokenizer's `open_key` (a secret that does not
 /// open is left to fail at its first request, as before).
@@ -318,6 +342,38 @@ pub fn detect(
 mod tests {
     use super::*;
     use crate::tokenizer::secret::{ClientCredentialsProcessor, GitHubAppProcessor};
+
+    #[test]
+    fn a_reload_keeps_the_state_only_of_unchanged_secrets_and_urls() {
+        use std::collections::BTreeMap;
+        use std::sync::Arc;
+        let spec = |url: &str| MintSpec::from_url(url).unwrap();
+        let m = |url: &str, parent: &'static str| {
+            Arc::new(Minted::new(spec(url), HeaderValue::from_static(parent)))
+        };
+        let url = "https://auth.example.com/token";
+        let old: BTreeMap<_, _> = [
+            ("same".to_string(), m(url, "sealed-a")),
+            ("secret".to_string(), m(url, "sealed-b")),
+            ("url".to_string(), m(url, "sealed-c")),
+        ]
+        .into();
+        let mut new: BTreeMap<_, _> = [
+            ("same".to_string(), m(url, "sealed-a")),
+            ("secret".to_string(), m(url, "sealed-b2")),
+            (
+                "url".to_string(),
+                m("https://auth.example.com/other", "sealed-c"),
+            ),
+            ("added".to_string(), m(url, "sealed-a")),
+        ]
+        .into();
+        carry_over(&mut new, &old);
+        assert!(Arc::ptr_eq(&new["same"], &old["same"]));
+        assert!(!Arc::ptr_eq(&new["secret"], &old["secret"]));
+        assert!(!Arc::ptr_eq(&new["url"], &old["url"]));
+        assert!(!Arc::ptr_eq(&new["added"], &old["same"]));
+    }
 
     #[test]
     fn spec_from_the_secret() {

@@ -299,6 +299,14 @@ impl Relay {
         self
     }
 
+    /// This relay, keeping `old`'s minted tokens for the targets whose
+    /// sealed secret and token URL did not change (a reload through the
+    /// same tokenizer; see [`minted::carry_over`]).
+    pub fn keeping_minted_tokens(mut self, old: &Relay) -> Relay {
+        minted::carry_over(&mut self.minted, &old.minted);
+        self
+    }
+
     /// The CA this relay's leaves are signed by.
     pub fn ca(&self) -> &Arc<CertAuthority> {
         self.leaves.ca()

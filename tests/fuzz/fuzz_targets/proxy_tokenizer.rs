@@ -176,9 +176,15 @@ enum Proc {
         key: Vec<u8>,
     },
     InjectBody,
-    OAuth2 { refresh: Option<String> },
-    OAuth2Body { refresh: Option<String> },
-    Sigv4 { no_swap: Option<bool> },
+    OAuth2 {
+        refresh: Option<String>,
+    },
+    OAuth2Body {
+        refresh: Option<String>,
+    },
+    Sigv4 {
+        no_swap: Option<bool>,
+    },
     Two,
     None,
     /// jwt_processor with the test RSA key, or with these bytes as its key.
@@ -208,8 +214,7 @@ enum Proc {
 
 /// A test-only RSA key (the seal tests' fixture), so the minting
 /// processors get as far as signing.
-const TEST_RSA_PEM: &str =
-    include_str!("../../fixtures/github-app-test-key.pem");
+const TEST_RSA_PEM: &str = include_str!("../../fixtures/github-app-test-key.pem");
 
 #[derive(Arbitrary, Debug)]
 enum Auth {
@@ -405,7 +410,9 @@ fn build_json(f: &FuzzSecret) -> serde_json::Value {
             obj.insert("fly_src_auth".into(), json!({ "allowed_orgs": orgs }));
         }
         Auth::Macaroon => {
-            obj.insert("macaroon_auth".into(), json!({ "key": "x" }));
+            // A valid key: Proxy-Authorization values then reach the
+            // macaroon verifier (the `macaroon` target goes deeper).
+            obj.insert("macaroon_auth".into(), json!({ "key": b64(&[7u8; 32]) }));
         }
         Auth::Two => {
             obj.insert("no_auth".into(), json!({}));
