@@ -13,6 +13,7 @@ pub mod fdlimit;
 pub mod info;
 pub mod local_http;
 pub mod logbudget;
+pub mod logwriter;
 pub mod memory;
 pub mod policy;
 pub mod relay;

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use proxypilot::cli::{Cli, LogFormat};
-use tracing_appender::non_blocking::WorkerGuard;
+use proxypilot::logwriter::{self, FlushGuard};
 use tracing_subscriber::{fmt, EnvFilter};
 
 fn main() -> ExitCode {
@@ -44,23 +44,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Logs go to stderr through a writer thread, so a request's audit line
-/// costs the relay's workers a channel send, not a write(2) that can block
-/// on a full pipe. Lines are never dropped (`lossy(false)`): when the
-/// channel is full, loggers wait. The writer thread flushes whenever it
-/// has drained the channel, so the buffer only merges lines that were
-/// already queued into one write(2) instead of one each. The returned
-/// guard flushes on drop.
-fn init_tracing(format: LogFormat, default_level: &str) -> WorkerGuard {
+/// Logs go to stderr through a writer thread (`logwriter`), so a
+/// request's audit line costs the relay's workers a copy under a mutex,
+/// not a write(2) that can block on a full pipe nor a thread woken per
+/// line. Lines are never dropped. The returned guard flushes on drop.
+fn init_tracing(format: LogFormat, default_level: &str) -> FlushGuard {
     let filter =
         EnvFilter::try_from_env("PROXYPILOT_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("proxypilot-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
+    let (writer, guard) = logwriter::batched(std::io::stderr());
     // `init` also bridges the `log` crate, through which eBPF log records arrive.
     use std::io::IsTerminal;
     let builder = fmt()
