@@ -9,7 +9,6 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{http, LiveRelay, Relay};
 use crate::kernel::origin::OriginalDestination;
-use crate::tls::leaf::FixedCert;
 use crate::tls::rewind::Rewind;
 
 impl Relay {
@@ -32,9 +31,7 @@ impl Relay {
                 return;
             }
         };
-        let mut cfg = (*self.tls_base).clone();
-        cfg.cert_resolver = Arc::new(FixedCert(key));
-        let acceptor = TlsAcceptor::from(Arc::new(cfg));
+        let acceptor = TlsAcceptor::from(self.server_configs.for_leaf(&host, key));
         let tls = match tokio::time::timeout_at(
             deadline,
             acceptor.accept(Rewind::new(raw_hello, stream)),

@@ -32,6 +32,7 @@ pub mod passthrough;
 pub mod ratelimit;
 pub mod redirected;
 pub mod rules;
+mod server_configs;
 pub mod slots;
 pub mod stall;
 pub mod upgrade;
@@ -156,7 +157,7 @@ pub struct Relay {
     /// Intercepted hosts whose secret mints short-lived tokens.
     minted: BTreeMap<String, Arc<minted::Minted>>,
     leaves: Arc<LeafCache>,
-    tls_base: Arc<rustls::ServerConfig>,
+    server_configs: server_configs::ServerConfigs,
     forwarder: Forwarder,
     proxy_authorization: Option<HeaderValue>,
     limits: Limits,
@@ -239,7 +240,7 @@ impl Relay {
             credentials,
             minted: BTreeMap::new(),
             leaves: Arc::new(LeafCache::new(cfg.ca, cfg.leaf_lifetime, cfg.leaf_capacity)),
-            tls_base: Arc::new(tls),
+            server_configs: server_configs::ServerConfigs::new(tls),
             forwarder: cfg.forwarder,
             proxy_authorization,
             slots: Arc::new(slots::Slots::new(
