@@ -21,7 +21,9 @@
 //! Arguments (after `--`): `relay` or `all` (default), `--quick`.
 //! Environment: `PROXYPILOT_BENCH_OUT` (directory for the JSON and PNG;
 //! default `<workspace>/target/bench`), `PROXYPILOT_BENCH_VENV` (a venv
-//! with requirements-bench.txt; needed for the mitmproxy column and the chart).
+//! with requirements-bench.txt; needed for the mitmproxy column and the chart),
+//! `PROXYPILOT_BENCH_AGAINST` (another build's `proxypilot`: adds the column
+//! `against`, its embedded sidecar, for an A/B of a change in one run).
 
 use std::{
     collections::BTreeMap,
@@ -60,7 +62,9 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(quick: bool) -> Plan {
+    /// `with_mitmproxy`: the full table, whose mitmproxy column is slow to
+    /// open idle connections.
+    fn new(quick: bool, with_mitmproxy: bool) -> Plan {
         if quick {
             Plan {
                 warmup: Duration::from_millis(200),
@@ -71,7 +75,7 @@ impl Plan {
                 download_bytes: 100_000_000,
                 // mitmproxy opens ~50 TLS connections/s here: 1,000 would
                 // take 20 s alone.
-                idle_conns: 250,
+                idle_conns: if with_mitmproxy { 250 } else { 1000 },
                 mints: 30,
             }
         } else {
@@ -126,7 +130,7 @@ fn main() {
         return;
     }
     let full = which == "all";
-    let plan = Plan::new(quick);
+    let plan = Plan::new(quick, full);
     let started = Instant::now();
     let out_dir = std::env::var_os("PROXYPILOT_BENCH_OUT")
         .map(PathBuf::from)
@@ -181,6 +185,30 @@ fn main() {
             ],
         ),
     ];
+    // A/B: another build's embedded sidecar, measured in this same run,
+    // so a change is judged by a ratio the machine's noise hits evenly.
+    let against = std::env::var_os("PROXYPILOT_BENCH_AGAINST").map(|bin| {
+        FlyShape::start_with_sidecar_binary(
+            &net,
+            "bench-against",
+            Tokenizer::Embedded,
+            &[
+                "--listen",
+                "127.0.0.1:15445",
+                "--listen",
+                "[::1]:15445",
+                "--info-port",
+                "15482",
+            ],
+            Path::new(&bin),
+        )
+    });
+    if let Some(a) = &against {
+        cols.insert(
+            2,
+            Column::proxypilot("against", a, vec![a.sidecar.child.id()]),
+        );
+    }
     let mut peers = Vec::new();
     for start in [Peer::nginx, Peer::haproxy] {
         match start(&net, &real_key) {
@@ -435,6 +463,9 @@ fn main() {
                 );
             }
         }
+    }
+    // The footprint of idle connections: every run, the target is on it.
+    {
         net.apis.clear_requests();
         for c in cols.iter().filter(|c| !c.pids.is_empty()) {
             let base = c.rss_kib();
@@ -1196,14 +1227,12 @@ fn verdicts(t: &Table, full: bool) -> Vec<Value> {
             );
         }
     }
-    if full {
-        for col in ["embedded", "remote"] {
-            if let Some(r) = t.get("RSS at 1000 idle conns", col) {
-                push(
-                    format!("{col} RSS ≤ 32 MiB at 1000 idle conns: {r:.1} MiB"),
-                    (col == "embedded").then_some(r <= 32.0),
-                );
-            }
+    for col in ["embedded", "remote"] {
+        if let Some(r) = t.get("RSS at 1000 idle conns", col) {
+            push(
+                format!("{col} RSS ≤ 32 MiB at 1000 idle conns: {r:.1} MiB"),
+                (col == "embedded").then_some(r <= 32.0),
+            );
         }
     }
     out

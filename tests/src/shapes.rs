@@ -97,7 +97,29 @@ impl FlyShape {
         extra: &[&str],
         flag_targets: &[&str],
     ) -> FlyShape {
-        FlyShape::start_inner(net, name, mode, extra, flag_targets, None)
+        FlyShape::start_inner(net, name, mode, extra, flag_targets, None, None)
+    }
+
+    /// As [`FlyShape::start`], with the sidecar run from `sidecar_bin`
+    /// instead of this build's binary (the relay bench's A/B column,
+    /// `PROXYPILOT_BENCH_AGAINST`). Keys and sealed secrets still come
+    /// from this build: their formats do not change between builds.
+    pub fn start_with_sidecar_binary(
+        net: &FakeInternet,
+        name: &str,
+        mode: Tokenizer,
+        extra: &[&str],
+        sidecar_bin: &std::path::Path,
+    ) -> FlyShape {
+        FlyShape::start_inner(
+            net,
+            name,
+            mode,
+            extra,
+            &[ANTHROPIC, OPENAI, GITHUB],
+            None,
+            Some(sidecar_bin),
+        )
     }
 
     /// As [`FlyShape::start`], with api.github.com's secret a
@@ -117,6 +139,7 @@ impl FlyShape {
             extra,
             &[ANTHROPIC, OPENAI, GITHUB],
             Some((app_id, installation_id, key_file)),
+            None,
         )
     }
 
@@ -131,7 +154,7 @@ impl FlyShape {
         app: (&str, &str, &std::path::Path),
         extra: &[&str],
     ) -> FlyShape {
-        FlyShape::start_inner(net, name, mode, extra, &[], Some(app))
+        FlyShape::start_inner(net, name, mode, extra, &[], Some(app), None)
     }
 
     fn start_inner(
@@ -141,6 +164,7 @@ impl FlyShape {
         extra: &[&str],
         flag_targets: &[&str],
         github_app: Option<(&str, &str, &std::path::Path)>,
+        sidecar_bin: Option<&std::path::Path>,
     ) -> FlyShape {
         let dir = net.dir.0.join(format!("fly-{name}"));
         fs::create_dir_all(&dir).unwrap();
@@ -216,7 +240,7 @@ impl FlyShape {
         let ca = dir.join("ca.pem");
         let ready = dir.join("ready");
         let mut sidecar = net
-            .command(proxypilot_bin())
+            .command(sidecar_bin.map_or_else(proxypilot_bin, std::path::Path::to_path_buf))
             .inherit_env()
             .arg("sidecar")
             .arg("--cgroup")
