@@ -183,50 +183,24 @@ impl FlyShape {
             (OPENAI, "OPENAI_SEALED", &keys.openai),
             (GITHUB, "GH_SEALED", &keys.github),
         ] {
-            let mut cmd = Command::new(proxypilot_bin());
-            cmd.args(["seal", "--no-auth", "--host", host, "--seal-key", &seal_key]);
-            match github_app.filter(|_| host == GITHUB) {
-                Some((app_id, installation_id, key_file)) => cmd
-                    .args([
-                        "--github-app-id",
-                        app_id,
-                        "--installation-id",
-                        installation_id,
-                    ])
-                    .arg("--private-key-file")
-                    .arg(key_file),
-                None => cmd
-                    .args(["--token-env", "REAL"])
-                    .args(seal_args(host))
-                    .env("REAL", real),
+            let out = match github_app.filter(|_| host == GITHUB) {
+                Some(app) => run_ok(&mut seal_github_app(&seal_key, app)),
+                None => run_ok(
+                    Command::new(proxypilot_bin())
+                        .args(["seal", "--no-auth", "--host", host, "--seal-key", &seal_key])
+                        .args(["--token-env", "REAL"])
+                        .args(seal_args(host))
+                        .env("REAL", real),
+                ),
             };
-            let out = run_ok(&mut cmd);
             sealed.push((
                 host,
                 var,
                 String::from_utf8(out.stdout).unwrap().trim().to_string(),
             ));
         }
-        if let Some((app_id, installation_id, key_file)) = github_app {
-            let out = run_ok(
-                Command::new(proxypilot_bin())
-                    .args([
-                        "seal",
-                        "--no-auth",
-                        "--host",
-                        GITHUB,
-                        "--seal-key",
-                        &seal_key,
-                    ])
-                    .args([
-                        "--github-app-id",
-                        app_id,
-                        "--installation-id",
-                        installation_id,
-                    ])
-                    .arg("--private-key-file")
-                    .arg(key_file),
-            );
+        if let Some(app) = github_app {
+            let out = run_ok(&mut seal_github_app(&seal_key, app));
             sealed.push((
                 "",
                 "GH_SEALED_ALT",
@@ -456,4 +430,30 @@ pub fn local_run_with(net: &FakeInternet, run_args: &[&str], cmd: &[&str]) -> Sa
         .args(run_args)
         .arg("--")
         .args(cmd)
+}
+
+/// `proxypilot seal` of api.github.com's github_app secret for the app
+/// `(app_id, installation_id, key_file)`.
+fn seal_github_app(
+    seal_key: &str,
+    (app_id, installation_id, key_file): (&str, &str, &std::path::Path),
+) -> Command {
+    let mut cmd = Command::new(proxypilot_bin());
+    cmd.args([
+        "seal",
+        "--no-auth",
+        "--host",
+        GITHUB,
+        "--seal-key",
+        seal_key,
+    ])
+    .args([
+        "--github-app-id",
+        app_id,
+        "--installation-id",
+        installation_id,
+    ])
+    .arg("--private-key-file")
+    .arg(key_file);
+    cmd
 }
