@@ -146,6 +146,11 @@ async fn one_client_connection_holds_at_most_half_of_an_upstream_connections_str
         req
     };
     // The first exchange carries the peer's SETTINGS (its stream limit).
+    // The pool's copy of the limit is stored when the connection task's
+    // poll that read them returns, which can be just after the answer
+    // woke this task on the other worker: a second exchange needs a later
+    // poll, so after it the limit is known.
+    client.send(get("/warm", None)).await.unwrap();
     client.send(get("/warm", None)).await.unwrap();
     let (a, b) = (ClientConn::next(), ClientConn::next());
     let started = Arc::new(AtomicUsize::new(0));
